@@ -1,0 +1,1 @@
+"""Sam2Rad for MONAI."""
