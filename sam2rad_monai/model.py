@@ -1,0 +1,207 @@
+"""Sam2Rad: a frozen SAM-family backbone driven by the prompt predictor network, in three modes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import Backbone, Features
+from .ppn import PromptPredictor
+
+
+class Mode(str, Enum):
+    """How the decoder is prompted."""
+
+    AUTONOMOUS = "autonomous"  # learned prompts only
+    REFINE = "refine"  # learned prompts plus the user's boxes / points / mask
+    MANUAL = "manual"  # the user's prompts only: plain SAM behaviour
+
+
+@dataclass
+class Prompts:
+    """User prompts per (image, class), in model-input pixels (x = column, y = row) of the padded square input.
+
+    Every field is optional; a ``*_valid`` flag marks which (image, class) pairs carry that prompt.
+    """
+
+    boxes: Tensor | None = None  # (B, C, 4) x1, y1, x2, y2
+    box_valid: Tensor | None = None  # (B, C) bool; default all True
+    points: Tensor | None = None  # (B, C, P, 2) x, y
+    point_labels: Tensor | None = None  # (B, C, P) 1 positive, 0 negative, -1 padding
+    masks: Tensor | None = None  # (B, C, m, m) mask-prompt logits (e.g. a previous prediction or a brush)
+    mask_valid: Tensor | None = None  # (B, C) bool; default all True
+
+    def is_empty(self) -> bool:
+        return self.boxes is None and self.points is None and self.masks is None
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update ``B @ A`` (B starts at zero: no change at step 0)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scale = (alpha or rank) / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+
+def add_lora(decoder: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Wrap q_proj and v_proj of every attention layer in the decoder's transformer with LoRA; return the new params."""
+    params: list[nn.Parameter] = []
+    for module in list(decoder.modules()):
+        for name in ("q_proj", "v_proj"):
+            layer = getattr(module, name, None)
+            if isinstance(layer, nn.Linear):
+                lora = LoRALinear(layer, rank)
+                setattr(module, name, lora)
+                params += [lora.lora_a, lora.lora_b]
+    return params
+
+
+class Sam2Rad(nn.Module):
+    """Frozen backbone + prompt predictor (+ optional LoRA on the mask decoder), multi-class.
+
+    ``forward`` takes either normalised, padded images (B, 3, S, S) or precomputed backbone features (a dict as
+    returned by ``backbone.encode``), so training can run on cached features.
+
+    Args:
+        backbone: a frozen :class:`~sam2rad_monai.backbones.Backbone`.
+        num_classes: foreground classes.
+        num_tokens, depth, ...: prompt predictor sizes (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
+        lora_rank: LoRA rank on the mask decoder's attention q/v projections; 0 (default) keeps the decoder frozen.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
+                 num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
+                 lora_rank: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.ppn = PromptPredictor(num_classes, num_tokens, backbone.level_channels, backbone.mask_prompt_size,
+                                   depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                   mask_head_channels=mask_head_channels, dropout=dropout)
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            add_lora(backbone.mask_decoder, lora_rank)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+
+    def trainable_parameter_groups(self, lr: float = 1e-4, decoder_lr: float = 1e-5, weight_decay: float = 0.1
+                                   ) -> list[dict]:
+        """AdamW groups (paper §4.3): PPN at ``lr``, LoRA at ``decoder_lr``; no decay on queries, norms and biases."""
+        decay, no_decay = [], []
+        for name, p in self.ppn.named_parameters():
+            (no_decay if p.ndim < 2 or name == "queries" else decay).append(p)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        if self.lora_rank > 0:
+            groups.append({"params": self.lora_parameters(), "lr": decoder_lr, "weight_decay": weight_decay})
+        return groups
+
+    def ppn_state_dict(self) -> dict[str, Tensor]:
+        """What a trained Sam2Rad checkpoint holds: the PPN and any LoRA weights, never the frozen backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or "lora_" in k}
+
+    def load_ppn_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a checkpoint written by :meth:`ppn_state_dict`; every PPN / LoRA key must be present."""
+        expected = set(self.ppn_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]} (check num_classes, num_tokens and lora_rank)")
+        self.load_state_dict(state, strict=False)
+
+    def encode(self, images: Tensor) -> Features:
+        return self.backbone.encode(images)
+
+    def forward(self, inputs: Tensor | Features, prompts: Prompts | None = None,
+                mode: Mode | str = Mode.AUTONOMOUS) -> dict[str, Tensor]:
+        """Segment every class.
+
+        Args:
+            inputs: images (B, 3, S, S), normalised and padded, or features from ``backbone.encode``.
+            prompts: user prompts (refine and manual modes).
+            mode: ``autonomous``, ``refine`` or ``manual``.
+
+        Returns:
+            dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
+            (m = 4 x embedding grid), ``iou`` (B, C) SAM's IoU estimate; and, unless manual: ``boxes`` (B, C, 4)
+            normalised xyxy, ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
+        """
+        mode = Mode(mode)
+        prompts = prompts or Prompts()
+        if mode is not Mode.AUTONOMOUS and prompts.is_empty():
+            raise ValueError(f"{mode.value} mode needs user prompts (boxes, points or masks)")
+        features = inputs if isinstance(inputs, dict) else self.backbone.encode(inputs)
+        features = {k: v.float() for k, v in features.items()}  # cached features are stored in fp16
+        batch, classes = features["embed"].shape[0], self.num_classes
+        rows = batch * classes
+        out: dict[str, Tensor] = {}
+
+        sparse_parts: list[Tensor] = []
+        dense = None
+        if mode is not Mode.MANUAL:
+            learned = self._learned_prompts(features)
+            sparse_parts.append(learned.pop("sparse"))
+            dense = learned.pop("dense")
+            out.update({k: v.reshape(batch, classes, *v.shape[1:]) for k, v in learned.items()})
+        if mode is not Mode.AUTONOMOUS:
+            user_sparse, user_dense = self._user_prompts(prompts, rows, fallback_dense=dense)
+            sparse_parts.append(user_sparse)
+            dense = user_dense
+
+        row_features = {k: v.repeat_interleave(classes, dim=0) for k, v in features.items()}
+        logits, iou = self.backbone.decode(row_features, torch.cat(sparse_parts, dim=1), dense)
+        out["logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
+        out["iou"] = iou.reshape(batch, classes)
+        return out
+
+    def _learned_prompts(self, features: Features) -> dict[str, Tensor]:
+        bb = self.backbone
+        levels = bb.levels(features)
+        level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
+        pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0])
+        box_tokens = bb.embed_boxes(pred.boxes * bb.image_size)
+        dense = bb.embed_masks(pred.mask_prompts)
+        return {
+            "sparse": torch.cat([box_tokens, pred.tokens], dim=1),
+            "dense": dense,
+            "boxes": pred.boxes,
+            "mask_prompts": pred.mask_prompts[:, 0],
+            "objectness": pred.objectness,
+        }
+
+    def _user_prompts(self, prompts: Prompts, rows: int, fallback_dense: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Embed user prompts as SAM's prompt encoder does (points, then box tokens; mask as dense prompt)."""
+        bb = self.backbone
+        parts: list[Tensor] = []
+        if prompts.points is not None:
+            coords = prompts.points.reshape(rows, -1, 2).float()
+            labels = prompts.point_labels.reshape(rows, -1)
+            parts.append(bb.embed_points(coords, labels, pad=prompts.boxes is None))
+        if prompts.boxes is not None:
+            tokens = bb.embed_boxes(prompts.boxes.reshape(rows, 4).float())
+            if prompts.box_valid is not None:
+                # rows without a box get SAM's padding token, so every row has the same token count
+                keep = prompts.box_valid.reshape(rows, 1, 1)
+                tokens = torch.where(keep, tokens, bb.not_a_point().expand_as(tokens))
+            parts.append(tokens)
+        sparse = torch.cat(parts, dim=1) if parts else bb.embed_boxes(torch.zeros(rows, 4))[:, :0]
+
+        dense = fallback_dense if fallback_dense is not None else bb.no_mask_dense(rows)
+        if prompts.masks is not None:
+            user = bb.embed_masks(prompts.masks.reshape(rows, 1, *prompts.masks.shape[-2:]).float())
+            if prompts.mask_valid is not None:
+                user = torch.where(prompts.mask_valid.reshape(rows, 1, 1, 1), user, dense)
+            dense = user
+        return sparse, dense

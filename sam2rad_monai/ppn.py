@@ -1,0 +1,115 @@
+"""The prompt predictor network (PPN): learned class queries that read frozen SAM features and emit prompts.
+
+For every (image, class) row the PPN predicts what SAM would have wanted as prompts (Wahd et al. 2025, §3.1.1):
+a box, a mask prompt at the prompt encoder's mask size, ``N - 2`` free 256-d prompt tokens, and an objectness
+logit saying whether the class is in the image at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.sam.transformer import TwoWayAttentionBlock
+from torch import Tensor, nn
+from torchvision.ops import MLP
+
+
+@dataclass
+class PPNOutput:
+    """Per-row predictions of the PPN (R = images x classes, rows ordered image-major)."""
+
+    tokens: Tensor  # (R, N - 2, 256) free prompt tokens
+    boxes: Tensor  # (R, 4) normalised (x1, y1, x2, y2) in [0, 1] of the padded square input
+    mask_prompts: Tensor  # (R, 1, m, m) mask-prompt logits
+    objectness: Tensor  # (R,) logits
+
+
+class PromptPredictor(nn.Module):
+    """Learned per-class queries + two-way attention over the encoder features, with box, mask and objectness heads.
+
+    Args:
+        num_classes: number of foreground classes; each has its own ``num_tokens`` queries.
+        num_tokens: tokens per class (N). Tokens 0-1 predict the box, 2..N-1 are free prompt embeddings.
+        level_channels: channels of the feature levels, coarse to fine (``(256,)`` for SAM v1 families,
+            ``(256, 64, 32)`` for SAM2). Layer ``i`` reads level ``i``; extra layers refine the last state.
+        mask_prompt_size: side of the mask prompt SAM's prompt encoder expects (4 x the embedding grid).
+        depth, num_heads, mlp_dim, attention_downsample_rate: two-way attention block sizes (SAM's decoder values).
+        mask_head_channels, dropout: the convolutional mask-prompt head.
+        embed_dim: SAM's prompt width (256).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_tokens: int = 10,
+        level_channels: tuple[int, ...] = (256,),
+        mask_prompt_size: int = 256,
+        depth: int = 3,
+        num_heads: int = 8,
+        mlp_dim: int = 2048,
+        attention_downsample_rate: int = 2,
+        mask_head_channels: int = 64,
+        dropout: float = 0.1,
+        embed_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        if num_tokens < 3:
+            raise ValueError(f"num_tokens must be at least 3 (2 box tokens + 1 prompt token), got {num_tokens}")
+        self.num_classes = num_classes
+        self.num_tokens = num_tokens
+        self.mask_prompt_size = mask_prompt_size
+        # std 1/sqrt(d), so a query has unit norm on average like SAM's prompt embeddings
+        self.queries = nn.Parameter(torch.randn(num_classes, num_tokens, embed_dim) / embed_dim**0.5)
+        self.adapters = nn.ModuleList(
+            nn.Identity() if c == embed_dim else nn.Conv2d(c, embed_dim, kernel_size=1) for c in level_channels
+        )
+        self.blocks = nn.ModuleList(
+            TwoWayAttentionBlock(embed_dim, num_heads, mlp_dim=mlp_dim,
+                                 attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=i == 0)
+            for i in range(depth)
+        )
+        self.box_head = MLP(2 * embed_dim, [embed_dim, 4])
+        self.objectness_head = MLP(embed_dim, [embed_dim, 1])
+        self.mask_head = nn.Sequential(
+            nn.Conv2d(embed_dim, mask_head_channels, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+            nn.Conv2d(mask_head_channels, mask_head_channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout), nn.Conv2d(mask_head_channels, 1, 1),
+        )
+
+    def forward(self, levels: list[Tensor], level_pe: list[Tensor], dense_init: Tensor) -> PPNOutput:
+        """Predict prompts for every (image, class) row.
+
+        Args:
+            levels: feature maps, coarse to fine, each (B, C_i, h_i, w_i).
+            level_pe: positional encodings matching each level, each (1, 256, h_i, w_i).
+            dense_init: (256,) starting value of the dense state (SAM's no-mask embedding).
+
+        Returns:
+            :class:`PPNOutput` with B x num_classes rows, row ``b * num_classes + c`` = image b, class c.
+        """
+        batch, classes = levels[0].shape[0], self.num_classes
+        queries = self.queries.repeat(batch, 1, 1)  # (R, N, D), image-major rows
+        query_pe = queries
+        state = dense_init.reshape(1, -1, 1, 1).expand(batch * classes, -1, *levels[0].shape[-2:])
+        for i, block in enumerate(self.blocks):
+            if i < len(levels):
+                feats = self.adapters[i](levels[i]).repeat_interleave(classes, dim=0)
+                state = F.interpolate(state, size=feats.shape[-2:], mode="nearest") + feats
+                pe = level_pe[i]
+            h, w = state.shape[-2:]
+            keys = state.flatten(2).transpose(1, 2)
+            queries, keys = block(queries=queries, keys=keys, query_pe=query_pe,
+                                  key_pe=pe.flatten(2).transpose(1, 2))
+            state = keys.transpose(1, 2).reshape(-1, keys.shape[-1], h, w)
+
+        mask_prompts = self.mask_head(state)
+        if mask_prompts.shape[-1] != self.mask_prompt_size:
+            mask_prompts = F.interpolate(mask_prompts, size=(self.mask_prompt_size,) * 2, mode="bilinear",
+                                         align_corners=False)
+        # (cx, cy, w, h) through a sigmoid keeps every box inside the image and x2 >= x1
+        cx, cy, bw, bh = self.box_head(queries[:, :2].flatten(1)).sigmoid().unbind(-1)
+        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(0.0, 1.0)
+        objectness = self.objectness_head(queries.mean(dim=1)).squeeze(-1)
+        return PPNOutput(tokens=queries[:, 2:], boxes=boxes, mask_prompts=mask_prompts, objectness=objectness)
