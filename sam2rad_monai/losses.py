@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -22,14 +23,19 @@ class Sam2RadLoss(nn.Module):
 
     Args:
         image_size: S, to normalise boxes.
+        dice_weight: weight of an optional soft-Dice term on the final mask (0 = the paper's loss). The authors'
+            code adds one; it speeds up convergence on small data.
         mask_weight, box_weight, objectness_weight: lambda_1..3 of equation (1).
         focal_gamma, focal_alpha: focal loss parameters.
     """
 
     def __init__(self, image_size: int, mask_weight: float = 10.0, box_weight: float = 1.0,
-                 objectness_weight: float = 1.0, focal_gamma: float = 3.0, focal_alpha: float = 0.7) -> None:
+                 objectness_weight: float = 1.0, focal_gamma: float = 3.0, focal_alpha: float = 0.7,
+                 dice_weight: float = 0.0) -> None:
         super().__init__()
         self.image_size = image_size
+        self.dice_weight = dice_weight
+        self.dice = DiceLoss(sigmoid=True, reduction="mean")
         self.mask_weight, self.box_weight, self.objectness_weight = mask_weight, box_weight, objectness_weight
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
 
@@ -46,6 +52,8 @@ class Sam2RadLoss(nn.Module):
             pred["objectness"].flatten(), target["present"].flatten().float())}
         if present.any():
             terms["mask"] = self.mask_weight * self._focal(logits[present], masks[present])
+            if self.dice_weight:
+                terms["dice"] = self.dice_weight * self.dice(logits[present, None], masks[present, None])
             if "mask_prompts" in pred:
                 prompts = pred["mask_prompts"].flatten(0, 1)[present]
                 terms["mask_prompt"] = self.mask_weight * self._focal(prompts, masks[present])

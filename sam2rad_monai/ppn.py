@@ -60,14 +60,15 @@ class PromptPredictor(nn.Module):
         self.num_classes = num_classes
         self.num_tokens = num_tokens
         self.mask_prompt_size = mask_prompt_size
-        # std 1/sqrt(d), so a query has unit norm on average like SAM's prompt embeddings
-        self.queries = nn.Parameter(torch.randn(num_classes, num_tokens, embed_dim) / embed_dim**0.5)
+        # N(0, 1) like SAM's own prompt embeddings: small queries would make the first self-attention nearly
+        # uniform and wash out the difference between classes
+        self.queries = nn.Parameter(torch.randn(num_classes, num_tokens, embed_dim))
         self.adapters = nn.ModuleList(
             nn.Identity() if c == embed_dim else nn.Conv2d(c, embed_dim, kernel_size=1) for c in level_channels
         )
         self.blocks = nn.ModuleList(
             TwoWayAttentionBlock(embed_dim, num_heads, mlp_dim=mlp_dim,
-                                 attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=i == 0)
+                                 attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=False)
             for i in range(depth)
         )
         self.box_head = MLP(2 * embed_dim, [embed_dim, 4])
