@@ -1,0 +1,107 @@
+"""NIfTI output for label maps, with the axis convention ITK-SNAP and 3D Slicer expect.
+
+Axis convention
+    Our label maps are image-ordered, ``(H, W)`` or ``(F, H, W)`` (row, column,
+    frame last-to-first as in the DICOM pixel data). NIfTI stores ``data[i, j, k]``
+    with ``i`` the fastest axis on disk, so we write ``data = label_map.T``:
+    ``i`` = column, ``j`` = row, ``k`` = frame. The affine is
+    ``diag(-col_mm, -row_mm, 1, 1)`` in RAS, i.e. the identity direction in ITK's
+    LPS world. That is exactly what ITK (and so SimpleITK, ITK-SNAP, 3D Slicer)
+    assigns to a PNG or an ultrasound DICOM without geometry, so the mask overlays
+    the source image upright, not mirrored or rotated.
+
+    * ``nibabel.load(path).get_fdata().T`` (or ``np.asanyarray(img.dataobj).T``)
+      gives back the label map; :func:`read_nifti_labelmap` does that for you.
+    * ``SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(path))`` gives the label
+      map directly, because SimpleITK arrays are already (k, j, i).
+
+    A single 2D frame is written as a 2D NIfTI (shape ``(W, H)``, like MONAI's
+    ``squeeze_end_dims=True``); both viewers show it as one slice. For cine, the
+    third axis is the frame index with a nominal 1.0 spacing: it is *not* a
+    physical distance.
+
+Spacing
+    ``spacing_mm`` is (row, column) mm, e.g. :attr:`UltrasoundImage.spacing_mm`
+    from the US region calibration. Without it the pixels are 1 mm, which only
+    means "unknown"; the NIfTI header's ``descrip`` says which case applies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from sam2rad_monai.io.atomic import atomic_write_path
+
+__all__ = ["label_map_affine", "read_nifti_labelmap", "write_nifti"]
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_SCANNER_CODE = 1  # qform/sform code "scanner": what ITK writes for its own images
+
+
+def label_map_affine(spacing_mm: tuple[float, float] | None) -> np.ndarray:
+    """RAS affine for ``label_map.T`` data (see the module docstring)."""
+    row_mm, col_mm = _checked_spacing(spacing_mm)
+    return np.diag([-col_mm, -row_mm, 1.0, 1.0])
+
+
+def write_nifti(
+    label_map: np.ndarray,
+    path: str | os.PathLike[str],
+    spacing_mm: tuple[float, float] | None = None,
+) -> Path:
+    """Write a uint8 label map ``(H, W)`` or ``(F, H, W)`` to ``.nii``/``.nii.gz`` atomically.
+
+    Values must be integers in 0..255 (0 = background). Returns the path written.
+    """
+    path = Path(path)
+    if not path.name.endswith(_NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: NIfTI output needs a .nii or .nii.gz name")
+    data = _as_uint8_label_map(label_map)
+    img = nib.Nifti1Image(np.ascontiguousarray(data.T), label_map_affine(spacing_mm))
+    _describe(img, spacing_mm)
+    with atomic_write_path(path) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+def read_nifti_labelmap(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a NIfTI written by :func:`write_nifti` back to the ``(H, W)``/``(F, H, W)`` uint8 array."""
+    img = nib.load(str(path))
+    return np.ascontiguousarray(np.asanyarray(img.dataobj).astype(np.uint8).T)
+
+
+def _as_uint8_label_map(label_map: np.ndarray) -> np.ndarray:
+    arr = np.asarray(label_map)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"label map must be (H, W) or (F, H, W), got shape {arr.shape}")
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"label map must hold integer labels, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"label values must be in 0..255, got {arr.min()}..{arr.max()}")
+    return arr.astype(np.uint8, copy=False)
+
+
+def _checked_spacing(spacing_mm: tuple[float, float] | None) -> tuple[float, float]:
+    if spacing_mm is None:
+        return 1.0, 1.0
+    row_mm, col_mm = (float(v) for v in spacing_mm)
+    if not (row_mm > 0 and col_mm > 0):
+        raise ValueError(f"spacing_mm must be positive (row, col) mm, got {spacing_mm}")
+    return row_mm, col_mm
+
+
+def _describe(img: nib.Nifti1Image, spacing_mm: tuple[float, float] | None) -> None:
+    img.set_qform(img.affine, code=_SCANNER_CODE)
+    img.set_sform(img.affine, code=_SCANNER_CODE)
+    img.header.set_xyzt_units(xyz="mm")
+    img.header.set_intent("label", name="sam2rad")
+    img.header["descrip"] = (
+        b"sam2rad label map; pixel size from US regions" if spacing_mm is not None
+        else b"sam2rad label map; pixel size unknown (1 mm)"
+    )
