@@ -164,12 +164,14 @@ def decode_sam1(decoder: nn.Module, embed: Tensor, image_pe: Tensor, sparse: Ten
     b, c, h, w = src.shape
     hs, src = decoder.transformer(src, pos_src, tokens)
     iou_token_out = hs[:, 0, :]
-    mask_token_out = hs[:, 1, :]  # single-mask output: the first mask token, as multimask_output=False does
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
     src = src.transpose(1, 2).view(b, c, h, w)
     upscaled = decoder.output_upscaling(src)
-    hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(1)
+    # all mask tokens, then the first (multimask_output=False), exactly as upstream: same kernels, same bits
+    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+                           dim=1)
     b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, 1, h, w)
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)[:, :1]
     iou_pred = decoder.iou_prediction_head(iou_token_out)[:, :1]
     return masks, iou_pred
 
