@@ -1,0 +1,137 @@
+"""Glue between Sam2Rad and MONAI's Ignite engines: batch preparation, metric inputs, checkpoint state, handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from torch import Tensor, nn
+
+from ..model import Sam2Rad
+
+logger = logging.getLogger(__name__)
+TARGET_KEYS = ("masks", "boxes", "present")
+
+
+def unwrap(network: nn.Module) -> Sam2Rad:
+    """The Sam2Rad model inside a DistributedDataParallel / DataParallel wrapper."""
+    return network.module if hasattr(network, "module") else network
+
+
+def prepare_batch(batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+                  **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
+    """SupervisedTrainer / SupervisedEvaluator ``prepare_batch``: (features or images, target dict) on ``device``."""
+    def move(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
+
+    inputs = batchdata["features"] if "features" in batchdata else batchdata["image"]
+    return move(inputs), {k: move(batchdata[k]) for k in TARGET_KEYS}
+
+
+def dice_inputs(output: dict[str, Any], objectness_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(y_pred, y) for MONAI's MeanDice / MeanIoU handlers at the decoder's resolution, one channel per class.
+
+    A class whose objectness is below the threshold predicts nothing, so a false positive on an image without the
+    class counts (use the metrics with ``ignore_empty=False``).
+    """
+    pred, target = output["pred"], output["label"]
+    masks = pred["logits"] > 0
+    if "objectness" in pred:
+        masks &= (pred["objectness"] >= objectness_threshold)[..., None, None]
+    y = target["masks"].float()
+    if y.shape[-1] != masks.shape[-1]:
+        y = F.interpolate(y, size=masks.shape[-2:], mode="nearest-exact")
+    return masks.float(), y
+
+
+class TrainableState:
+    """What a Sam2Rad checkpoint holds: the PPN (and LoRA) weights only, never the frozen backbone.
+
+    It has ``state_dict`` / ``load_state_dict``, so Ignite's ``Checkpoint`` and MONAI's ``CheckpointSaver`` /
+    ``CheckpointLoader`` can save and load it like a module.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return unwrap(self.network).ppn_state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
+        unwrap(self.network).load_ppn_state_dict(state)
+
+
+class ResumeCheckpoint:
+    """Keep ``last.pt`` (trainable weights, optimiser and trainer state) after every epoch; resume from it at start.
+
+    The file is written atomically, so a run killed at any point resumes from its last complete epoch.
+
+    Args:
+        path: the checkpoint file.
+        network: the (possibly DDP-wrapped) Sam2Rad network.
+        optimizer: the optimiser.
+        enabled: ``False`` on ranks other than 0 (only rank 0 writes; every rank loads).
+    """
+
+    def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
+                 enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.state = TrainableState(network)
+        self.optimizer = optimizer
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save({"model": self.state.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "epoch": engine.state.epoch, "iteration": engine.state.iteration}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, engine: Engine) -> None:
+        if not self.path.is_file():
+            return
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        self.state.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["epoch"] >= engine.state.max_epochs:
+            logger.warning("%s is at epoch %d, max_epochs is %d: nothing left to train", self.path, ckpt["epoch"],
+                           engine.state.max_epochs)
+        engine.state.epoch, engine.state.iteration = ckpt["epoch"], ckpt["iteration"]
+        logger.info("resumed from %s at epoch %d", self.path, ckpt["epoch"])
+
+
+class ProgressBarHandler:
+    """Ignite's tqdm progress bar over the iterations of each epoch, showing the loss."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=True).attach(engine, output_transform=lambda out: {"loss": out["loss"].item()})
+
+
+class PrepareCache:
+    """Fill the feature cache of a dataset when the engine starts (no-op for online augmentation)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        if hasattr(self.dataset, "prepare"):
+            # once: an evaluator run by ValidationHandler starts again at every validation
+            engine.add_event_handler(Events.STARTED(once=1), lambda _: self.dataset.prepare())
