@@ -23,8 +23,8 @@ class Sam2RadLoss(nn.Module):
 
     Args:
         image_size: S, to normalise boxes.
-        dice_weight: weight of an optional soft-Dice term on the final mask (0 = the paper's loss). The authors'
-            code adds one; it speeds up convergence on small data.
+        dice_weight: weight of an optional soft-Dice term on the final mask and on the mask prompt (0 = the paper's
+            loss). The authors' code adds one on the final mask; on CPU budgets it speeds up convergence a lot.
         mask_weight, box_weight, objectness_weight: lambda_1..3 of equation (1).
         focal_gamma, focal_alpha: focal loss parameters.
     """
@@ -57,6 +57,8 @@ class Sam2RadLoss(nn.Module):
             if "mask_prompts" in pred:
                 prompts = pred["mask_prompts"].flatten(0, 1)[present]
                 terms["mask_prompt"] = self.mask_weight * self._focal(prompts, masks[present])
+                if self.dice_weight:
+                    terms["mask_prompt_dice"] = self.dice_weight * self.dice(prompts[:, None], masks[present, None])
             if "boxes" in pred:
                 box_pred = pred["boxes"].flatten(0, 1)[present]
                 box_true = self.normalise_boxes(target["boxes"].flatten(0, 1)[present])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sam2.modeling.sam2_utils import LayerNorm2d
 from sam2.modeling.sam.transformer import TwoWayAttentionBlock
 from torch import Tensor, nn
 from torchvision.ops import MLP
@@ -63,8 +64,10 @@ class PromptPredictor(nn.Module):
         # N(0, 1) like SAM's own prompt embeddings: small queries would make the first self-attention nearly
         # uniform and wash out the difference between classes
         self.queries = nn.Parameter(torch.randn(num_classes, num_tokens, embed_dim))
+        # SAM's image embeddings are small (per-position norm ~2) next to its positional encoding (~11) and the
+        # queries (~16): without a norm, attention in a fresh PPN sees mostly position and every image looks alike
         self.adapters = nn.ModuleList(
-            nn.Identity() if c == embed_dim else nn.Conv2d(c, embed_dim, kernel_size=1) for c in level_channels
+            nn.Sequential(nn.Conv2d(c, embed_dim, kernel_size=1), LayerNorm2d(embed_dim)) for c in level_channels
         )
         self.blocks = nn.ModuleList(
             TwoWayAttentionBlock(embed_dim, num_heads, mlp_dim=mlp_dim,

@@ -103,6 +103,8 @@ class FeatureCache:
                     try:
                         base[key] = self.preprocess(dict(item))
                     except Exception as err:
+                        while err.__cause__ is not None:  # MONAI wraps the reader's own message
+                            err = err.__cause__
                         raise RuntimeError(f"{item['image']}: cannot be loaded for training ({err})") from err
                 samples.append(augment_view(base[key], view, self.seed, image_key=self.content_digest(item),
                                             num_classes=self.num_classes, transform=self.augment))

@@ -126,12 +126,18 @@ class ProgressBarHandler:
 
 
 class PrepareCache:
-    """Fill the feature cache of a dataset when the engine starts (no-op for online augmentation)."""
+    """Fill the feature cache of a dataset when the engine first starts (no-op for online augmentation)."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
+        self.done = False
 
     def attach(self, engine: Engine) -> None:
         if hasattr(self.dataset, "prepare"):
-            # once: an evaluator run by ValidationHandler starts again at every validation
-            engine.add_event_handler(Events.STARTED(once=1), lambda _: self.dataset.prepare())
+            engine.add_event_handler(Events.STARTED, self._prepare)
+
+    def _prepare(self, engine: Engine) -> None:
+        # once: an evaluator run by ValidationHandler starts again at every validation
+        if not self.done:
+            self.dataset.prepare()
+            self.done = True

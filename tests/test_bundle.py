@@ -1,0 +1,90 @@
+"""The MONAI bundle end to end on its embedded sample: train (and resume after a kill), evaluate, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+SMALL = ["--num_train_images", "2", "--cache_views", "2", "--batch_size", "2"]
+
+
+def bundle_run(*args: str, timeout: int = 600, launcher: list[str] | None = None) -> str:
+    cmd = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", *args]
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundle")
+    return {"cache": root / "cache", "train": root / "train", "eval": root / "eval", "ddp": root / "ddp"}
+
+
+def test_training_shows_progress_checkpoints_and_resumes_after_kill(run_dirs):
+    out_dir, cache = run_dirs["train"], run_dirs["cache"]
+    last = out_dir / "models" / "last.pt"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           "--max_epochs", "20", "--output_dir", str(out_dir), "--cache_dir", str(cache), *SMALL]
+    proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # killed mid-run, after at least one epoch
+    log = proc.communicate()[0]
+    assert last.is_file(), log[-3000:]
+    assert "Epoch [1/20]" in log, "the progress bar shows the epoch"
+    assert (out_dir / "models" / "model.pt").is_file(), "the best-by-validation model is saved"
+    assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert not [p for p in (out_dir / "models").iterdir() if p.name.startswith(".")], "no partial checkpoint"
+
+    import torch
+
+    epoch_killed = torch.load(last, weights_only=True)["epoch"]
+    assert epoch_killed < 20
+    # the modern `run` entry resumes from last.pt and trains only the epochs left
+    resumed = bundle_run("--config_file", "configs/train.json", "--max_epochs", str(epoch_killed + 1),
+                         "--output_dir", str(out_dir), "--cache_dir", str(cache), *SMALL)
+    assert f"resumed from {last} at epoch {epoch_killed}" in resumed
+    assert f"Epoch[{epoch_killed + 1}] Complete" in resumed
+    assert "Epoch[1] Complete" not in resumed
+    assert "views encoded now" in resumed and "0 of 4 views encoded now" in resumed, "the cache was reused"
+    assert torch.load(last, weights_only=True)["epoch"] == epoch_killed + 1
+
+
+def test_evaluation_writes_metrics_for_three_modes(run_dirs):
+    model = run_dirs["train"] / "models" / "model.pt"
+    if not model.is_file():
+        pytest.skip("needs the training test's model")
+    out = run_dirs["eval"]
+    bundle_run("--config_file", "configs/evaluate.json", "--model_path", str(model), "--output_dir", str(out),
+               "--split", "test")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"lp", "bb+lp", "box"}
+    for mode in metrics.values():
+        assert set(mode) == {"nerve", "vessel"}
+        for scores in mode.values():
+            assert set(scores) == {"dice", "iou"} and 0 <= scores["iou"] <= scores["dice"] <= 100
+    rows = (out / "per_image_lp.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4 * 2  # header + 4 test frames x 2 classes
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+
+
+@pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun not installed beside this python")
+def test_torchrun_two_processes_on_cpu(run_dirs):
+    out = bundle_run("--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1",
+                     "--output_dir", str(run_dirs["ddp"]), "--cache_dir", str(run_dirs["cache"]), *SMALL,
+                     launcher=[str(TORCHRUN), "--standalone", "--nnodes=1", "--nproc_per_node=2"])
+    assert out.count("Epoch[1] Complete") >= 2  # trainer and evaluator of rank 0 at least
+    assert (run_dirs["ddp"] / "models" / "model.pt").is_file()
+    assert (run_dirs["ddp"] / "models" / "last.pt").is_file()
