@@ -14,6 +14,7 @@ import pytest
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.slow  # subprocess runs of the bundle: minutes on a CPU
 SMALL = ["--num_train_images", "2", "--cache_views", "2", "--batch_size", "2"]
 
 

