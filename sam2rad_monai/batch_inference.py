@@ -624,30 +624,9 @@ class InferenceRunner:
 
     def _decode(self, frames: list[np.ndarray], prompts: list[FramePrompts | None],
                 features: dict[str, torch.Tensor]) -> list[Prediction]:
-        prompted = [i for i, p in enumerate(prompts) if p is not None and not p.is_empty()]
-        others = [i for i in range(len(frames)) if i not in set(prompted)]
-        out: list[Prediction | None] = [None] * len(frames)
-
-        def run(indices: list[int], mode: Mode) -> None:
-            if not indices:
-                return
-            sub = {k: v[indices] for k, v in features.items()}
-            preds = self.predictor.predict([frames[i] for i in indices], mode,
-                                           [prompts[i] for i in indices] if mode is not Mode.AUTONOMOUS else None,
-                                           features=sub)
-            for i, pred in zip(indices, preds):
-                out[i] = pred if mode is not Mode.MANUAL else _only_prompted(pred, prompts[i])
-
-        if self.mode is Mode.AUTONOMOUS:
-            run(list(range(len(frames))), Mode.AUTONOMOUS)
-        else:
-            run(prompted, self.mode)
-            if self.mode is Mode.REFINE:
-                run(others, Mode.AUTONOMOUS)  # refine = learned prompts + the user's, when there are any
-            else:
-                for i in others:  # manual: nothing prompted, nothing segmented
-                    out[i] = _empty_prediction(frames[i].shape[:2], len(self.class_names))
-        return out  # type: ignore[return-value]
+        # the predictor handles frames without prompts: empty in manual mode, learned prompts alone in refine
+        return self.predictor.predict(frames, self.mode, prompts if self.mode is not Mode.AUTONOMOUS else None,
+                                      features=features)
 
     def _write(self, job: _Job) -> None:
         item, result, loaded = job.item, job.result, job.loaded
@@ -721,19 +700,6 @@ class InferenceRunner:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _only_prompted(pred: Prediction, prompts: FramePrompts | None) -> Prediction:
-    """Manual mode: a class the user did not prompt is empty (SAM with no prompt segments something anyway)."""
-    classes = set(prompts.boxes) | set(prompts.points) | set(prompts.masks) if prompts else set()
-    keep = np.zeros(pred.masks.shape[0], bool)
-    keep[list(classes)] = True
-    masks = pred.masks & keep[:, None, None]
-    label_map = np.where(np.isin(pred.label_map, np.flatnonzero(keep) + 1), pred.label_map, 0).astype(np.uint8)
-    # pixels an unprompted class won go to the first prompted class that also covers them
-    for c in np.flatnonzero(keep):
-        label_map[(label_map == 0) & masks[c]] = c + 1
-    return Prediction(label_map=label_map, masks=masks, objectness=pred.objectness, iou=pred.iou, logits=pred.logits)
 
 
 def _empty_prediction(shape: tuple[int, int], num_classes: int) -> Prediction:

@@ -112,6 +112,11 @@ class Sam2RadPredictor:
             features: precomputed features of these frames (from :meth:`encode`) to skip the encoder.
         """
         mode = Mode(mode)
+        prompts = list(prompts) if prompts is not None else [None] * len(frames)
+        if mode is not Mode.AUTONOMOUS and all(p is None or p.is_empty() for p in prompts):
+            if mode is Mode.MANUAL:  # nothing prompted, nothing segmented
+                return [self._empty(np.asarray(f).shape[:2]) for f in frames]
+            mode = Mode.AUTONOMOUS  # refine without user prompts is the learned prompts alone
         if features is None:
             features, sizes = self.encode(frames)
         else:
@@ -121,14 +126,12 @@ class Sam2RadPredictor:
             stop = min(start + self.batch_size, len(frames))
             batch_prompts = None
             if mode is not Mode.AUTONOMOUS:
-                batch_prompts = self.to_model_prompts(
-                    [np.asarray(f).shape[:2] for f in frames[start:stop]],
-                    [(prompts or [None] * len(frames))[i] or FramePrompts() for i in range(start, stop)])
+                batch_prompts = self.to_model_prompts([np.asarray(f).shape[:2] for f in frames[start:stop]],
+                                                      [p or FramePrompts() for p in prompts[start:stop]])
             out = self.model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
             for i in range(stop - start):
-                frame_prompts = (prompts or [None] * len(frames))[start + i]
                 results.append(self._postprocess(out, i, np.asarray(frames[start + i]).shape[:2],
-                                                 sizes[start + i], frame_prompts))
+                                                 sizes[start + i], prompts[start + i], mode))
         return results
 
     # -- helpers ----------------------------------------------------------------------------------------------
@@ -175,21 +178,28 @@ class Sam2RadPredictor:
         low = F.interpolate(padded, size=(m, m), mode="area")[0, 0]
         return (2.0 * low - 1.0) * MASK_PROMPT_LOGIT
 
+    def _empty(self, shape: tuple[int, int]) -> Prediction:
+        classes = self.model.num_classes
+        return Prediction(label_map=np.zeros(shape, np.uint8), masks=np.zeros((classes, *shape), bool),
+                          objectness=None, iou=np.zeros(classes, np.float32))
+
     def _postprocess(self, out: dict[str, Tensor], i: int, shape: tuple[int, int], resized: tuple[int, int],
-                     prompts: FramePrompts | None) -> Prediction:
+                     prompts: FramePrompts | None, mode: Mode) -> Prediction:
         logits = out["logits"][i : i + 1]
         # as SAM: upscale to the padded input, drop the padding, then resize to the frame
         full = F.interpolate(logits, size=(self.size, self.size), mode="bilinear", align_corners=False)
         full = full[..., : resized[0], : resized[1]]
         full = F.interpolate(full, size=tuple(shape), mode="bilinear", align_corners=False)[0]
         masks = full > 0
+        prompted = set(prompts.boxes) | set(prompts.points) | set(prompts.masks) if prompts is not None else set()
         objectness = out.get("objectness")
+        # a class is kept when the user prompted it (the user said it is there) or, with learned prompts, when its
+        # objectness passes; in manual mode an unprompted class is empty (SAM with no prompt segments something)
+        keep = torch.zeros(masks.shape[0], dtype=torch.bool, device=masks.device)
         if objectness is not None:
             keep = objectness[i] >= self.objectness_threshold
-            if prompts is not None:
-                for c in set(prompts.boxes) | set(prompts.points) | set(prompts.masks):
-                    keep[c] = True
-            masks &= keep.reshape(-1, 1, 1)
+        keep[list(prompted)] = True
+        masks &= keep.reshape(-1, 1, 1)
         ranked = torch.where(masks, full, torch.tensor(float("-inf")))
         label_map = torch.where(masks.any(0), ranked.argmax(0) + 1, 0).to(torch.uint8)
         return Prediction(

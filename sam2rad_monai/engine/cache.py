@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from monai.utils import convert_to_tensor
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..backbones import Backbone
@@ -56,7 +55,6 @@ class FeatureCache:
         self.signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(cache_dir) / f"{backbone.name}-{backbone.variant}-{backbone.image_size}"
         self._content: dict[str, str] = {}
-        self.hits = self.misses = 0
 
     # -- keys -------------------------------------------------------------------------------------------------
     def content_digest(self, item: dict[str, Any]) -> str:
@@ -80,14 +78,11 @@ class FeatureCache:
         path = self.path(item, view)
         if path.is_file():
             try:
-                entry = torch.load(path, map_location="cpu", weights_only=True)
-                self.hits += 1
-                return entry
+                return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # a corrupt entry (disk full, edited by hand): rebuild it
                 logger.warning("rebuilding unreadable cache entry %s (%s)", path, str(err).splitlines()[0])
                 path.unlink(missing_ok=True)
         self.fill([(item, view)])
-        self.hits -= 1  # fill counted the miss; the re-read below is not a hit
         return self.load(item, view)
 
     def fill(self, pairs: Sequence[tuple[dict[str, Any], int]], progress: Callable[[int], None] | None = None) -> int:
@@ -119,7 +114,6 @@ class FeatureCache:
                     "present": convert_to_tensor(sample["present"], track_meta=False).float(),
                 }
                 _atomic_save(entry, self.path(item, view))
-            self.misses += len(chunk)
             if progress is not None:
                 progress(len(chunk))
         return len(todo)
@@ -184,7 +178,3 @@ def _atomic_save(obj: Any, path: Path) -> None:
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
-
-def features_of(batch: dict[str, Any]) -> dict[str, Tensor] | Tensor:
-    """The model input of a batch: cached features when present, else the images."""
-    return batch["features"] if "features" in batch else batch["image"]

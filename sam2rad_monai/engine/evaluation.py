@@ -84,15 +84,8 @@ def evaluate(predictor: Sam2RadPredictor, data: Sequence[dict[str, Any]], class_
         features, _ = predictor.encode([image])  # one encoder pass serves every mode
         prompts = gt_box_prompts(label, num_classes)
         for mode in modes:
-            if MODES[mode] != "autonomous" and prompts.is_empty():
-                # no ground-truth object: a box-prompted mode has nothing to prompt; learned prompts still run
-                pred = predictor.predict([image], "autonomous" if mode == "bb+lp" else "manual",
-                                         [FramePrompts(boxes={0: (0, 0, 0, 0)})] if mode == "box" else None,
-                                         features=features)[0]
-                if mode == "box":
-                    pred.label_map[:] = 0
-            else:
-                pred = predictor.predict([image], MODES[mode], [prompts], features=features)[0]
+            # a frame without any object: box gives an empty map, bb+lp falls back to the learned prompts
+            pred = predictor.predict([image], MODES[mode], [prompts], features=features)[0]
             scores[mode].add(str(item.get("id", index)), pred.label_map, label)
             if mode == modes[0] and index < num_overlays:
                 Image.fromarray(overlay(image, label, pred.label_map)).save(
