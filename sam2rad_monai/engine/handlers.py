@@ -78,14 +78,16 @@ class ResumeCheckpoint:
         network: the (possibly DDP-wrapped) Sam2Rad network.
         optimizer: the optimiser.
         enabled: ``False`` on ranks other than 0 (only rank 0 writes; every rank loads).
+        lr_scheduler: saved and restored too, so a resumed run continues the same schedule.
     """
 
     def __init__(self, path: str | Path, network: nn.Module, optimizer: torch.optim.Optimizer,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, lr_scheduler: Any = None) -> None:
         self.path = Path(path)
         self.state = TrainableState(network)
         self.optimizer = optimizer
         self.enabled = enabled
+        self.lr_scheduler = lr_scheduler
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -95,8 +97,11 @@ class ResumeCheckpoint:
     def save(self, engine: Engine) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save({"model": self.state.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "epoch": engine.state.epoch, "iteration": engine.state.iteration}, tmp)
+        state = {"model": self.state.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        torch.save(state, tmp)
         os.replace(tmp, self.path)
 
     def load(self, engine: Engine) -> None:
@@ -105,6 +110,8 @@ class ResumeCheckpoint:
         ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
         self.state.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in ckpt:
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt["epoch"] >= engine.state.max_epochs:
             logger.warning("%s is at epoch %d, max_epochs is %d: nothing left to train", self.path, ckpt["epoch"],
                            engine.state.max_epochs)
