@@ -2,7 +2,8 @@
 
     uv run python benchmarks/profile_ppn.py [--batch 4] [--steps 3]
 
-Prints the per-module split of one step (forward + backward) from torch.profiler, per image-class row.
+Prints the per-module split of one step (forward + backward), per image-class row, then the time of the same step
+under bf16 autocast (the trainer's ``bf16`` setting) against fp32, measured in the same run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from sam2rad_monai.backbones import build_backbone
+from sam2rad_monai.engine.inferers import Sam2RadInferer, bf16_supported
 from sam2rad_monai.losses import Sam2RadLoss
 from sam2rad_monai.model import Sam2Rad
 
@@ -46,6 +48,18 @@ def module_times(model: Sam2Rad, features: dict, target: dict, loss_fn: Sam2RadL
     return {k: 1000 * v for k, v in times.items()}
 
 
+def step_seconds(model: Sam2Rad, features: dict, target: dict, loss_fn: Sam2RadLoss, bf16: bool, steps: int
+                 ) -> float:
+    """Mean wall time of a full training step (forward, loss, backward) without hooks."""
+    inferer = Sam2RadInferer(bf16=bf16)
+    loss_fn(inferer(features, model), target).backward()  # warm-up (oneDNN picks its kernels)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.zero_grad()
+        loss_fn(inferer(features, model), target).backward()
+    return (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=4)
@@ -73,6 +87,10 @@ def main() -> None:
     print(f"one step: {step:.0f} ms = {step / rows:.0f} ms per image-class row")
     for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {k:32s} {v:8.1f} ms  {100 * v / step:5.1f} %")
+    fp32 = step_seconds(model, features, target, loss_fn, False, args.steps)
+    bf16 = step_seconds(model, features, target, loss_fn, True, args.steps)
+    print(f"step without hooks: fp32 {fp32:.2f} s, bf16 autocast {bf16:.2f} s (fp32 / bf16 = {fp32 / bf16:.2f}; "
+          f"native bf16 on this device: {bf16_supported('cpu')})")
 
 
 if __name__ == "__main__":

@@ -342,6 +342,19 @@ def _read_input(item: InputItem) -> LoadedInput:
     return LoadedInput(list(image.rgb_uint8()), dicom=image, spacing_mm=image.spacing_mm)
 
 
+def read_frames(path: str | os.PathLike[str]) -> list[np.ndarray]:
+    """The frames (H, W, 3) on 0..255 of one input file, loaded exactly as bundle inference loads it.
+
+    Raises ``ValueError`` (naming the file and the reason) for anything unreadable.
+    """
+    path = Path(path)
+    kind = _classify(path) or "dicom"
+    try:
+        return _read_input(InputItem(kind, [path], path.name, Path(path.stem))).frames
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
 # ---------------------------------------------------------------------------------------------------- prompts
 
 

@@ -1,0 +1,286 @@
+"""MONAI Label tasks over one shared Sam2Rad predictor: auto / interactive inference, training, active learning.
+
+Coordinates in requests follow MONAI Label's 2D convention (the image as MONAI loads it, first axis = column):
+``foreground`` / ``background`` points are ``[x, y]`` pixel indices (extra entries such as a slice index are
+ignored) and ``roi`` is ``[x1, y1, x2, y2]``, the request shapes of MONAI Label's SAM2 task. Label files are written
+as 2D NIfTI in the same axis order (:func:`sam2rad_monai.io.write_nifti`), or PNG with ``result_extension: .png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from PIL import Image
+
+from ..batch_inference import read_frames
+from ..inference import FramePrompts, Prediction, Sam2RadPredictor
+from ..io import write_nifti
+from ..io.atomic import atomic_write_path
+
+logger = logging.getLogger(__name__)
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "bundle" / "models" / "model.pt"
+
+
+@dataclass
+class AppSettings:
+    """What the app serves, from ``--conf key value`` pairs (all optional)."""
+
+    model_path: Path  # the trained PPN; training writes it back
+    class_names: list[str]
+    backbone: str = "litemedsam"
+    backbone_variant: str | None = None
+    checkpoint: str | None = None  # backbone weights file (sam / sam2)
+    cache_dir: Path | None = None
+    device: str = "cpu"
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return {name: k for k, name in enumerate(self.class_names, start=1)}
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, Any], studies: str) -> AppSettings:
+        model = conf.get("model_path") or (DEFAULT_MODEL if DEFAULT_MODEL.is_file() else
+                                           Path(studies) / ".sam2rad" / "model.pt")
+        names = [n.strip() for n in str(conf.get("class_names", "nerve,vessel")).split(",") if n.strip()]
+        cache = conf.get("cache_dir") or Path(model).parent / "cache"
+        device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(Path(model), names, conf.get("backbone", "litemedsam"), conf.get("backbone_variant"),
+                   conf.get("checkpoint"), Path(cache), device)
+
+
+class ModelHolder:
+    """One predictor shared by every task, reloaded when the model file changes (after a training run)."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self._predictor: Sam2RadPredictor | None = None
+        self._stamp: float | None = None
+        self._lock = threading.Lock()
+
+    def stamp(self) -> float | None:
+        path = self.settings.model_path
+        return path.stat().st_mtime_ns if path.is_file() else None
+
+    @property
+    def predictor(self) -> Sam2RadPredictor:
+        with self._lock:
+            stamp = self.stamp()
+            if self._predictor is None:
+                s = self.settings
+                self._predictor = Sam2RadPredictor.from_checkpoint(
+                    None, len(s.class_names), s.backbone, s.backbone_variant, s.checkpoint, device=s.device)
+                self._stamp = None
+                if stamp is None:
+                    logger.warning("no model at %s: serving an untrained PPN until the train task writes one",
+                                   s.model_path)
+            if stamp is not None and stamp != self._stamp:
+                from ..backbones import read_state_dict
+
+                self._predictor.model.load_ppn_state_dict(read_state_dict(self.settings.model_path))
+                self._stamp = stamp
+                logger.info("loaded %s", self.settings.model_path)
+            return self._predictor
+
+    def has_model(self) -> bool:
+        return self.stamp() is not None
+
+
+def read_frame(path: str | os.PathLike) -> np.ndarray:
+    """A 2D frame (H, W, 3) on 0..255 (PNG / JPEG / NIfTI / ultrasound DICOM), loaded as bundle inference does."""
+    frames = read_frames(path)
+    if len(frames) != 1:
+        raise ValueError(f"{path}: has {len(frames)} frames; the app labels single 2D frames")
+    return frames[0]
+
+
+def write_label(label_map: np.ndarray, extension: str) -> str:
+    """Write a (H, W) label map to a temporary file MONAI Label sends back (and deletes)."""
+    extension = extension if extension.startswith(".") else f".{extension}"
+    fd, name = tempfile.mkstemp(suffix=extension, prefix="sam2rad_")
+    os.close(fd)
+    if extension == ".png":
+        with atomic_write_path(name) as tmp:
+            Image.fromarray(label_map.astype(np.uint8)).save(tmp, format="PNG")
+    elif extension in (".nii", ".nii.gz"):
+        write_nifti(label_map.astype(np.uint8), name)
+    else:
+        raise ValueError(f"result_extension {extension!r} is not supported; use .nii.gz or .png")
+    return name
+
+
+def _result(prediction: Prediction, names: list[str], start: float) -> dict[str, Any]:
+    found = sorted({int(v) for v in np.unique(prediction.label_map)} - {0})
+    out: dict[str, Any] = {"label_names": {n: k for k, n in enumerate(names, start=1)},
+                           "found": [names[k - 1] for k in found],
+                           "iou": {n: round(float(v), 4) for n, v in zip(names, prediction.iou)},
+                           "latencies": {"total": round(time.perf_counter() - start, 3)}}
+    if prediction.objectness is not None:
+        out["objectness"] = {n: round(float(v), 4) for n, v in zip(names, prediction.objectness)}
+    return out
+
+
+class Sam2RadAutoInfer(InferTask):
+    """Every class, no prompt: Sam2Rad's autonomous mode."""
+
+    def __init__(self, holder: ModelHolder) -> None:
+        super().__init__(InferType.SEGMENTATION, holder.settings.labels, 2,
+                         "Sam2Rad autonomous: all classes from learned prompts", config={"result_extension": ".nii.gz"})
+        self.holder = holder
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        start = time.perf_counter()
+        frame = read_frame(request["image"])
+        prediction = self.holder.predictor.predict([frame], "autonomous")[0]
+        label = write_label(prediction.label_map, request.get("result_extension", ".nii.gz"))
+        return label, _result(prediction, self.holder.settings.class_names, start)
+
+
+class Sam2RadInteractiveInfer(InferTask):
+    """Foreground / background clicks and an optional box for one label, on top of the learned prompts (refine
+    mode) when a trained model is loaded, or alone (manual mode, plain SAM) otherwise or with ``mode: manual``.
+
+    The returned label map holds the prompted class only (value = its label index), as MONAI Label's SAM2 task does.
+    """
+
+    def __init__(self, holder: ModelHolder) -> None:
+        super().__init__(InferType.DEEPGROW, holder.settings.labels, 2,
+                         "Sam2Rad refine: clicks and a box on top of the learned prompts",
+                         config={"result_extension": ".nii.gz", "mode": "refine"})
+        self.holder = holder
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        start = time.perf_counter()
+        names = self.holder.settings.class_names
+        label = request.get("label") or (request.get("labels") or [names[0]])[0]
+        if isinstance(label, int) or str(label).isdigit():
+            index = int(label) - 1
+        elif label in names:
+            index = names.index(label)
+        else:
+            raise ValueError(f"unknown label {label!r}; this model segments {names}")
+        prompts = FramePrompts()
+        points = [(float(p[0]), float(p[1]), 1) for p in request.get("foreground") or []]
+        points += [(float(p[0]), float(p[1]), 0) for p in request.get("background") or []]
+        if points:
+            prompts.points[index] = points
+        roi = request.get("roi") or []
+        if len(roi) >= 4:
+            prompts.boxes[index] = tuple(float(v) for v in roi[:4])
+        mode = request.get("mode") or ("refine" if self.holder.has_model() else "manual")
+        frame = read_frame(request["image"])
+        prediction = self.holder.predictor.predict([frame], mode, [prompts])[0]
+        label_map = np.where(prediction.label_map == index + 1, index + 1, 0).astype(np.uint8)
+        prediction.label_map = label_map
+        out = write_label(label_map, request.get("result_extension", ".nii.gz"))
+        return out, _result(prediction, names, start)
+
+
+class Sam2RadTrain(TrainTask):
+    """Fine-tune the PPN on the datastore's final labels, warm-starting from the model file, and write it back.
+
+    Request options: ``max_epochs`` (default 10), ``learning_rate`` (1e-4), ``batch_size`` (4), ``cache_views`` (2).
+    Features go through the project's feature cache, so a second run over the same labels encodes nothing.
+    """
+
+    def __init__(self, holder: ModelHolder) -> None:
+        super().__init__("Fine-tune the Sam2Rad prompt predictor on the saved labels")
+        self.holder = holder
+        self._config = {"max_epochs": 10, "learning_rate": 1e-4, "batch_size": 4, "cache_views": 2}
+
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        from monai.engines import SupervisedTrainer
+        from torch.utils.data import DataLoader
+
+        from ..engine.cache import CachedFeatureDataset, FeatureCache
+        from ..engine.inferers import PromptMixInferer, prepare_training_batch
+        from ..losses import Sam2RadLoss
+
+        options = {**self._config, **{k: request[k] for k in self._config if k in request}}
+        data = [{"image": d["image"], "label": d["label"], "id": Path(d["image"]).stem} for d in datastore.datalist()]
+        if not data:
+            raise ValueError("no saved labels in the datastore: label an image first")
+        settings = self.holder.settings
+        model = self.holder.predictor.model  # warm-started from the model file when there is one
+        cache = FeatureCache(settings.cache_dir, model.backbone, model.num_classes)
+        dataset = CachedFeatureDataset(data, cache, int(options["cache_views"]))
+        dataset.prepare()
+        loader = DataLoader(dataset, batch_size=int(options["batch_size"]), shuffle=True)
+        optimizer = torch.optim.AdamW(model.trainable_parameter_groups(float(options["learning_rate"])))
+        trainer = SupervisedTrainer(
+            device=torch.device(settings.device), max_epochs=int(options["max_epochs"]), train_data_loader=loader,
+            network=model, optimizer=optimizer, loss_function=Sam2RadLoss(model.backbone.image_size, dice_weight=1.0),
+            inferer=PromptMixInferer(), prepare_batch=prepare_training_batch, decollate=False)
+        start = time.perf_counter()
+        model.train()
+        try:
+            trainer.run()
+        finally:
+            model.eval()
+        settings.model_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write_path(settings.model_path) as tmp:
+            torch.save(model.ppn_state_dict(), tmp)
+        loss = trainer.state.output["loss"].item() if trainer.state.output else None
+        logger.info("trained on %d labelled images for %s epochs; wrote %s", len(data), options["max_epochs"],
+                    settings.model_path)
+        return {"images": len(data), "epochs": int(options["max_epochs"]), "last_loss": loss,
+                "seconds": round(time.perf_counter() - start, 1), "model_path": str(settings.model_path)}
+
+
+class Sam2RadUncertainty(Strategy):
+    """Propose the unlabelled image the model is least sure about.
+
+    Per class, confidence = |2 sigmoid(objectness) - 1|, times SAM's IoU estimate when the class is predicted
+    present; the image's uncertainty is 1 - the mean confidence over classes. Scores are kept per (image, model
+    file) so each image is encoded once per model.
+    """
+
+    def __init__(self, holder: ModelHolder) -> None:
+        super().__init__("Least confident image first (objectness and SAM's IoU estimate)")
+        self.holder = holder
+        self._scores: dict[tuple[str, float | None], float] = {}
+
+    def uncertainty(self, path: str) -> float:
+        key = (path, self.holder.stamp())
+        if key not in self._scores:
+            pred = self.holder.predictor.predict([read_frame(path)], "autonomous")[0]
+            p = 1.0 / (1.0 + np.exp(-np.asarray(pred.objectness, dtype=np.float64)))
+            confidence = np.abs(2 * p - 1) * np.where(p >= 0.5, np.clip(pred.iou, 0.0, 1.0), 1.0)
+            self._scores[key] = float(1.0 - confidence.mean())
+        return self._scores[key]
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        scores = {}
+        for image in images:
+            try:
+                scores[image] = self.uncertainty(datastore.get_image_uri(image))
+            except ValueError as err:  # one unreadable study must not block the queue
+                logger.error("%s", err)
+        if not scores:
+            return None
+        best = max(scores, key=scores.get)
+        return {"id": best, "weight": scores[best]}

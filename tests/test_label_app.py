@@ -1,0 +1,140 @@
+"""A real MONAI Label server with the Sam2Rad app on 127.0.0.1, driven over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("monailabel")
+requests = pytest.importorskip("requests")
+
+from sam2rad_monai.batch_inference import read_frames  # noqa: E402
+from sam2rad_monai.clicks import error_click  # noqa: E402
+from sam2rad_monai.inference import Sam2RadPredictor  # noqa: E402
+from sam2rad_monai.io import read_nifti_labelmap  # noqa: E402
+from sam2rad_monai.metrics import per_class_scores  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "data" / "usgra_sample"  # CC BY 4.0, see its README
+MODEL = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
+IMAGES = ["0017", "0031", "0175"]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("label")
+    studies = root / "studies"
+    studies.mkdir()
+    for name in IMAGES:
+        shutil.copy(SAMPLE / "images" / f"{name}.png", studies / f"{name}.png")
+    model = root / "model" / "model.pt"
+    model.parent.mkdir()
+    shutil.copy(MODEL, model)
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(  # the documented launcher
+        [sys.executable, "-m", "sam2rad_monai.monailabel", "--studies", str(studies), "--port", str(port),
+         "--model_path", str(model)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"{url}/info/", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"MONAI Label did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "studies": studies, "model": model, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _infer(server, model: str, image: str, params: dict) -> np.ndarray:
+    r = requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "image"},
+                      data={"params": json.dumps(params)}, timeout=300)
+    assert r.ok, r.text
+    path = server["root"] / f"{model}_{image}_{time.monotonic_ns()}.nii.gz"
+    path.write_bytes(r.content)
+    return read_nifti_labelmap(path)
+
+
+def _gt(name: str) -> np.ndarray:
+    return np.asarray(Image.open(SAMPLE / "masks" / f"{name}.png"))
+
+
+def test_label_app_over_http(server):
+    info = requests.get(f"{server['url']}/info/", timeout=30).json()
+    assert {"sam2rad", "sam2rad_interactive"} <= set(info["models"])
+    assert info["labels"] == ["nerve", "vessel"] or set(info["labels"]) == {"nerve", "vessel"}
+    assert "sam2rad" in info["trainers"] and "sam2rad_uncertainty" in info["strategies"]
+
+    # auto inference == the bundle's own inference path with the same model
+    predictor = Sam2RadPredictor.from_checkpoint(MODEL, 2)
+    fp_case = None
+    for name in IMAGES:
+        served = _infer(server, "sam2rad", name, {})
+        own = predictor.predict(read_frames(server["studies"] / f"{name}.png"))[0].label_map
+        gt = _gt(name)
+        assert served.shape == gt.shape
+        assert per_class_scores(served, gt, 2) == per_class_scores(own, gt, 2)
+        for k in (1, 2):
+            false_positive = (served == k) & (gt != k)
+            if fp_case is None and false_positive.sum() > 50:
+                fp_case = (name, k, served, false_positive)
+    assert fp_case is not None, "no false-positive region to click on in the sample"
+
+    # a negative click in the middle of a false-positive region takes label away there (refine mode keeps the
+    # learned prompts, so the region shrinks; it need not vanish: see the click benchmark)
+    name, k, served, false_positive = fp_case
+    x, y, label = error_click(false_positive, np.zeros_like(false_positive))
+    assert label == 0
+    label_name = ["nerve", "vessel"][k - 1]
+    clicked = _infer(server, "sam2rad_interactive", name, {"label": label_name, "foreground": [],
+                                                           "background": [[int(x), int(y)]]})
+    assert served[int(y), int(x)] == k
+    assert ((clicked == k) & false_positive).sum() < 0.95 * false_positive.sum()
+
+    # save a label, train on it: the model file changes, still loads, and the server keeps serving
+    before = hashlib.sha256(server["model"].read_bytes()).hexdigest()
+    with (SAMPLE / "masks" / f"{IMAGES[0]}.png").open("rb") as f:
+        r = requests.put(f"{server['url']}/datastore/label", params={"image": IMAGES[0], "tag": "final"},
+                         files={"label": (f"{IMAGES[0]}.png", f, "image/png")}, timeout=60)
+    assert r.ok, r.text
+    r = requests.post(f"{server['url']}/train/sam2rad", params={"run_sync": True},
+                      json={"max_epochs": 1, "cache_views": 1}, timeout=600)
+    assert r.ok, r.text
+    assert hashlib.sha256(server["model"].read_bytes()).hexdigest() != before
+    state = torch.load(server["model"], map_location="cpu", weights_only=True)
+    assert any(key.startswith("ppn.") for key in state)
+    after = _infer(server, "sam2rad", IMAGES[1], {})
+    assert after.shape == _gt(IMAGES[1]).shape
+
+    # active learning proposes one of the unlabelled images
+    r = requests.post(f"{server['url']}/activelearning/sam2rad_uncertainty", json={}, timeout=300)
+    assert r.ok, r.text
+    assert r.json()["id"] in IMAGES[1:]
