@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.utils import convert_to_tensor
 from torch import Tensor
 
 from .backbones import Backbone, build_backbone, read_state_dict
@@ -89,7 +90,8 @@ class Sam2RadPredictor:
             raise ValueError(f"a frame must be (H, W) or (H, W, 3), got shape {array.shape}")
         data = self._preprocess({"image": torch.from_numpy(np.ascontiguousarray(array[..., :3].transpose(2, 0, 1)))})
         h, w = (int(v) for v in data["input_size"])
-        return torch.as_tensor(data["image"]).float(), (h, w)
+        # a plain tensor: MetaTensor dispatch on every decoder op costs time and carries nothing the model needs
+        return convert_to_tensor(data["image"], track_meta=False).float(), (h, w)
 
     @torch.no_grad()
     def encode(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, Tensor], list[tuple[int, int]]]:
