@@ -52,7 +52,9 @@ def step_seconds(model: Sam2Rad, features: dict, target: dict, loss_fn: Sam2RadL
                  ) -> float:
     """Mean wall time of a full training step (forward, loss, backward) without hooks."""
     inferer = Sam2RadInferer(bf16=bf16)
-    loss_fn(inferer(features, model), target).backward()  # warm-up (oneDNN picks its kernels)
+    for _ in range(2):  # warm-up: oneDNN builds its kernels for each dtype on first use
+        model.zero_grad()
+        loss_fn(inferer(features, model), target).backward()
     start = time.perf_counter()
     for _ in range(steps):
         model.zero_grad()
