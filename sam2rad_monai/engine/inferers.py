@@ -1,7 +1,8 @@
 """MONAI inferers for the Ignite engines: reduced-precision autocast on any device, and the training prompt mix.
 
 MONAI's engines autocast only on CUDA (``amp=True``); :class:`Sam2RadInferer` autocasts on the device of the
-inputs, so bf16 also speeds up CPUs with native bf16 (AMX / AVX512-BF16). :class:`PromptMixInferer` draws, per
+inputs. ``"auto"`` turns bf16 on for CUDA devices with bf16 only: on a 2-core Xeon with AMX a training step was
+no faster in bf16 than in fp32 (``benchmarks/profile_ppn.py``), so CPUs run fp32 unless asked. :class:`PromptMixInferer` draws, per
 (image, class) row, the prompts a user would add (paper §3.2, semi-autonomous mode): none, a jittered ground-truth
 box, or corrective clicks sampled from the error of the current prediction (iteratively, as SAM was trained).
 """
@@ -40,7 +41,7 @@ class Sam2RadInferer(Inferer):
     """Run the network on images or cached features, under bf16 autocast when asked; outputs come back as float32.
 
     Args:
-        bf16: ``True`` / ``False``, or ``"auto"``: on when the inputs' device runs bf16 natively.
+        bf16: ``True`` / ``False``, or ``"auto"``: on for CUDA devices with bf16, off on CPU.
     """
 
     def __init__(self, bf16: bool | str = "auto") -> None:
@@ -51,7 +52,7 @@ class Sam2RadInferer(Inferer):
 
     def autocast(self, inputs: Any) -> torch.autocast:
         device = _device_of(inputs)
-        enabled = bf16_supported(device) if self.bf16 == "auto" else bool(self.bf16)
+        enabled = (device.type == "cuda" and bf16_supported(device)) if self.bf16 == "auto" else bool(self.bf16)
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def run(self, network: nn.Module, inputs: Any, prompts: Prompts | None = None,
