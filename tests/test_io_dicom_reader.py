@@ -1,6 +1,6 @@
 """Tests for sam2rad_monai.io.dicom: real US DICOM files, series folders and bad input.
 
-Data are read from /work/shared at test time (nothing copied): dicom_us (pydicom /
+Data are read from the shared folder beside the repository (../shared) at test time (nothing copied): dicom_us (pydicom /
 pydicom-data files, MIT) and usgra_nerve (CC BY 4.0, Timm M. Kandaouroff,
 usgra-seg, 2025), which is wrapped into DICOM in a temporary folder.
 """

@@ -1,6 +1,6 @@
 """Tests for the writers: atomic helper, NIfTI, DICOM-SEG (dciodvfy-clean) and the PNG wrapper.
 
-Data are read from /work/shared at test time (nothing copied): dicom_us (pydicom /
+Data are read from the shared folder beside the repository (../shared) at test time (nothing copied): dicom_us (pydicom /
 pydicom-data files, MIT) and usgra_nerve (CC BY 4.0, Timm M. Kandaouroff,
 usgra-seg, 2025), whose frames and masks are wrapped into DICOM in temp folders.
 """
