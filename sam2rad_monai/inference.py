@@ -73,11 +73,19 @@ class Sam2RadPredictor:
                         variant: str | None = None, checkpoint: str | Path | None = None,
                         device: str | torch.device = "cpu", model_kwargs: dict | None = None,
                         **kwargs) -> Sam2RadPredictor:
-        """Build the backbone, load a trained PPN from ``model_path`` (None: untrained, manual mode only)."""
+        """Build the backbone, load a trained PPN from ``model_path`` (None: untrained, manual mode only).
+
+        The PPN's box source is read from the file (a file with a query box head was trained with
+        ``box_source="query"``) unless ``model_kwargs`` sets it.
+        """
         bb = backbone if isinstance(backbone, Backbone) else build_backbone(backbone, variant, checkpoint)
-        model = Sam2Rad(bb, num_classes, **(model_kwargs or {}))
-        if model_path is not None:
-            model.load_ppn_state_dict(read_state_dict(model_path))
+        kwargs_model = dict(model_kwargs or {})
+        state = read_state_dict(model_path) if model_path is not None else None
+        if state is not None and "box_source" not in kwargs_model:
+            kwargs_model["box_source"] = "query" if any(k.startswith("ppn.box_head.") for k in state) else "mask"
+        model = Sam2Rad(bb, num_classes, **kwargs_model)
+        if state is not None:
+            model.load_ppn_state_dict(state)
         return cls(model, device, **kwargs)
 
     # -- steps ------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class Sam2RadLoss(nn.Module):
                 if self.dice_weight:
                     terms["mask_prompt_dice"] = self.dice_weight * self.dice(prompts[:, None], masks[present, None])
             if "boxes" in pred:
-                box_pred = pred["boxes"].flatten(0, 1)[present]
+                box_pred = pred.get("box_fit", pred["boxes"]).flatten(0, 1)[present]
                 box_true = self.normalise_boxes(target["boxes"].flatten(0, 1)[present])
                 terms["box"] = self.box_weight * (F.l1_loss(box_pred, box_true)
                                                   + generalized_box_iou_loss(box_pred, box_true, reduction="mean"))

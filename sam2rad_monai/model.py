@@ -78,17 +78,19 @@ class Sam2Rad(nn.Module):
         num_classes: foreground classes.
         num_tokens, depth, ...: prompt predictor sizes (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
         lora_rank: LoRA rank on the mask decoder's attention q/v projections; 0 (default) keeps the decoder frozen.
+        box_source: ``"mask"`` (default) reads the learned box off the mask prompt, ``"query"`` regresses it from
+            the box tokens (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
                  num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
-                 lora_rank: int = 0) -> None:
+                 lora_rank: int = 0, box_source: str = "mask") -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.ppn = PromptPredictor(num_classes, num_tokens, backbone.level_channels, backbone.mask_prompt_size,
                                    depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                   mask_head_channels=mask_head_channels, dropout=dropout)
+                                   mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             add_lora(backbone.mask_decoder, lora_rank)
@@ -118,7 +120,7 @@ class Sam2Rad(nn.Module):
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]} (check num_classes, num_tokens and lora_rank)")
+                           f"unexpected {unexpected[:3]} (check num_classes, num_tokens, lora_rank and box_source)")
         self.load_state_dict(state, strict=False)
 
     def encode(self, images: Tensor) -> Features:
@@ -136,7 +138,7 @@ class Sam2Rad(nn.Module):
         Returns:
             dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
             (m = 4 x embedding grid), ``iou`` (B, C) SAM's IoU estimate; and, unless manual: ``boxes`` (B, C, 4)
-            normalised xyxy, ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
+            normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box the loss trains, ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
         """
         mode = Mode(mode)
         prompts = prompts or Prompts()
@@ -177,6 +179,7 @@ class Sam2Rad(nn.Module):
             "sparse": torch.cat([box_tokens, pred.tokens], dim=1),
             "dense": dense,
             "boxes": pred.boxes,
+            "box_fit": pred.box_fit,
             "mask_prompts": pred.mask_prompts[:, 0],
             "objectness": pred.objectness,
         }

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from monai.transforms.utils import get_largest_connected_component_mask
 from sam2.modeling.sam2_utils import LayerNorm2d
 from sam2.modeling.sam.transformer import TwoWayAttentionBlock
 from torch import Tensor, nn
@@ -22,7 +23,8 @@ class PPNOutput:
     """Per-row predictions of the PPN (R = images x classes, rows ordered image-major)."""
 
     tokens: Tensor  # (R, N - 2, 256) free prompt tokens
-    boxes: Tensor  # (R, 4) normalised (x1, y1, x2, y2) in [0, 1] of the padded square input
+    boxes: Tensor  # (R, 4) the box given to SAM, normalised (x1, y1, x2, y2) in [0, 1] of the padded square input
+    box_fit: Tensor  # (R, 4) the differentiable box the loss trains (``boxes`` itself for ``box_source="query"``)
     mask_prompts: Tensor  # (R, 1, m, m) mask-prompt logits
     objectness: Tensor  # (R,) logits
 
@@ -33,6 +35,9 @@ class PromptPredictor(nn.Module):
     Args:
         num_classes: number of foreground classes; each has its own ``num_tokens`` queries.
         num_tokens: tokens per class (N). Tokens 0-1 predict the box, 2..N-1 are free prompt embeddings.
+        box_source: where the box comes from. ``"mask"`` (default): the extents of the largest connected region of
+            the mask prompt, trained through the soft extents of the mask-prompt probabilities; ``"query"``: regressed
+            from tokens 0-1 by an MLP (the paper's head; DETR-like, it needs far more epochs to localise).
         level_channels: channels of the feature levels, coarse to fine (``(256,)`` for SAM v1 families,
             ``(256, 64, 32)`` for SAM2). Layer ``i`` reads level ``i``; extra layers refine the last state.
         mask_prompt_size: side of the mask prompt SAM's prompt encoder expects (4 x the embedding grid).
@@ -54,12 +59,16 @@ class PromptPredictor(nn.Module):
         mask_head_channels: int = 64,
         dropout: float = 0.1,
         embed_dim: int = 256,
+        box_source: str = "mask",
     ) -> None:
         super().__init__()
+        if box_source not in ("mask", "query"):
+            raise ValueError(f"box_source must be 'mask' or 'query', got {box_source!r}")
         if num_tokens < 3:
             raise ValueError(f"num_tokens must be at least 3 (2 box tokens + 1 prompt token), got {num_tokens}")
         self.num_classes = num_classes
         self.num_tokens = num_tokens
+        self.box_source = box_source
         self.mask_prompt_size = mask_prompt_size
         # N(0, 1) like SAM's own prompt embeddings: small queries would make the first self-attention nearly
         # uniform and wash out the difference between classes
@@ -74,7 +83,7 @@ class PromptPredictor(nn.Module):
                                  attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=False)
             for i in range(depth)
         )
-        self.box_head = MLP(2 * embed_dim, [embed_dim, 4])
+        self.box_head = MLP(2 * embed_dim, [embed_dim, 4]) if box_source == "query" else None
         self.objectness_head = MLP(embed_dim, [embed_dim, 1])
         self.mask_head = nn.Sequential(
             nn.Conv2d(embed_dim, mask_head_channels, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
@@ -112,8 +121,50 @@ class PromptPredictor(nn.Module):
         if mask_prompts.shape[-1] != self.mask_prompt_size:
             mask_prompts = F.interpolate(mask_prompts, size=(self.mask_prompt_size,) * 2, mode="bilinear",
                                          align_corners=False)
-        # (cx, cy, w, h) through a sigmoid keeps every box inside the image and x2 >= x1
-        cx, cy, bw, bh = self.box_head(queries[:, :2].flatten(1)).sigmoid().unbind(-1)
-        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(0.0, 1.0)
+        if self.box_head is not None:
+            # (cx, cy, w, h) through a sigmoid keeps every box inside the image and x2 >= x1
+            cx, cy, bw, bh = self.box_head(queries[:, :2].flatten(1)).sigmoid().unbind(-1)
+            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(0.0, 1.0)
+            box_fit = boxes
+        else:
+            box_fit = soft_extents(mask_prompts[:, 0].sigmoid())
+            boxes = region_boxes(mask_prompts[:, 0].detach() > 0)
         objectness = self.objectness_head(queries.mean(dim=1)).squeeze(-1)
-        return PPNOutput(tokens=queries[:, 2:], boxes=boxes, mask_prompts=mask_prompts, objectness=objectness)
+        return PPNOutput(tokens=queries[:, 2:], boxes=boxes, box_fit=box_fit, mask_prompts=mask_prompts,
+                         objectness=objectness)
+
+
+def soft_extents(probs: Tensor) -> Tensor:
+    """Differentiable extents (R, 4) of probability maps (R, H, W), normalised xyxy.
+
+    A column counts as covered by its highest probability; the left edge is the mass of "not yet covered" columns
+    (one minus the running maximum), the right edge the mass of "still to come" ones. On a binary map these are
+    exactly the pixel-edge extents, so the box loss pulls the map's outer border towards the true box and pushes
+    stray responses down.
+    """
+    edges = []
+    for profile in (probs.amax(dim=1), probs.amax(dim=2)):  # over rows -> x profile, over columns -> y profile
+        size = profile.shape[-1]
+        first = (1.0 - torch.cummax(profile, dim=-1).values).sum(-1) / size
+        last = torch.cummax(profile.flip(-1), dim=-1).values.sum(-1) / size
+        edges.append((torch.minimum(first, last), torch.maximum(first, last)))
+    (x1, x2), (y1, y2) = edges
+    return torch.stack([x1, y1, x2, y2], dim=-1)
+
+
+def region_boxes(masks: Tensor) -> Tensor:
+    """Extents (R, 4) of the largest connected region of each binary map (R, H, W), normalised xyxy in pixel edges.
+
+    The largest region rather than all of the map: one stray response would otherwise stretch the box that SAM's
+    decoder, distilled from box prompts, follows closely. An empty map gives the whole image.
+    """
+    rows, h, w = masks.shape
+    boxes = masks.new_tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float32).repeat(rows, 1)
+    for r in range(rows):
+        if not masks[r].any():
+            continue
+        region = get_largest_connected_component_mask(masks[r].cpu())
+        ys, xs = torch.nonzero(torch.as_tensor(region), as_tuple=True)
+        boxes[r] = torch.tensor([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h],
+                                dtype=torch.float32, device=boxes.device)
+    return boxes

@@ -54,9 +54,11 @@ def test_lora_starts_as_identity():
         assert torch.allclose(plain(images, prompts, "manual")["logits"], lora(images, prompts, "manual")["logits"])
 
 
-def test_loss_is_finite_without_any_object():
+@pytest.mark.parametrize("box_source", ["mask", "query"])
+def test_loss_is_finite_without_any_object(box_source):
     torch.manual_seed(0)
-    model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2)
+    model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2,
+                    box_source=box_source)
     pred = model(torch.randn(2, 3, 64, 64))
     loss_fn = Sam2RadLoss(image_size=64)
     terms = loss_fn.terms(pred, _targets(2, 64, [[0, 0], [0, 0]]))
@@ -64,8 +66,10 @@ def test_loss_is_finite_without_any_object():
     loss = loss_fn(pred, _targets(2, 64, [[0, 0], [0, 0]]))
     assert torch.isfinite(loss)
     loss.backward()
-    # an absent class only trains objectness: the box head gets no gradient from it
-    assert model.ppn.box_head[0].weight.grad is None or model.ppn.box_head[0].weight.grad.abs().sum() == 0
+    # an absent class only trains objectness: the box and mask-prompt heads get no gradient from it
+    for head in (model.ppn.box_head, model.ppn.mask_head):
+        if head is not None:
+            assert head[0].weight.grad is None or head[0].weight.grad.abs().sum() == 0
     assert model.ppn.objectness_head[0].weight.grad.abs().sum() > 0
 
 

@@ -68,6 +68,45 @@ class TrainableState:
         unwrap(self.network).load_ppn_state_dict(state)
 
 
+class InitialWeights:
+    """Start training from a trained Sam2Rad file (``model.pt``) instead of a fresh PPN: fine-tuning, or a warm start
+    after a change of PPN heads.
+
+    Tensors whose name and shape match the model are loaded; the others are listed in the log and keep their fresh
+    values. A file that shares no tensor with the model is an error naming it. Attach it before
+    :class:`ResumeCheckpoint`, so a resumed run still continues from its own ``last.pt``.
+
+    Args:
+        path: the trained model file; ``None`` or ``""`` does nothing.
+        network: the (possibly DDP-wrapped) Sam2Rad network.
+    """
+
+    def __init__(self, path: str | Path | None, network: nn.Module) -> None:
+        self.path = Path(path) if path else None
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        if self.path is not None:
+            engine.add_event_handler(Events.STARTED, self.load)
+
+    def load(self, engine: Engine | None = None) -> list[str]:
+        """Load the matching tensors; return the names of those that were not loaded."""
+        if not self.path.is_file():
+            raise FileNotFoundError(f"initial model {self.path}: no such file")
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # a last.pt resume file holds the weights under "model"
+        model = unwrap(self.network)
+        own = model.ppn_state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ValueError(f"initial model {self.path}: no tensor matches this model (check num_classes)")
+        model.load_state_dict(usable, strict=False)
+        skipped = sorted((set(own) | set(state)) - set(usable))
+        logger.info("initial weights from %s: %d tensors loaded, %d left fresh or unused%s", self.path, len(usable),
+                    len(skipped), f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "")
+        return skipped
+
+
 class ResumeCheckpoint:
     """Keep ``last.pt`` (trainable weights, optimiser and trainer state) after every epoch; resume from it at start.
 

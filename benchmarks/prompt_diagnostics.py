@@ -1,0 +1,112 @@
+"""Where do learned prompts lose against the ground-truth box? Component diagnostics of a trained PPN.
+
+    uv run python benchmarks/prompt_diagnostics.py --model_path bundle/models/model.pt --box_source mask \
+        --dataset_dir ../shared/datasets/usgra_nerve --cache_dir bundle/cache --output benchmarks/results/x.json
+
+On the validation split (view 0 of the bundle's feature cache, seed 0: never the test split), for every
+(image, class) with the class present, at the decoder's 256 x 256 grid of the padded input:
+
+- ``objectness``: the PPN's presence probability;
+- ``box_iou``: IoU of the box the decoder was given with the true box;
+- ``mask_prompt``: Dice of the mask prompt (logit > 0);
+- ``lp``: Dice of the autonomous prediction;
+- ``learned_box_only``: the frozen decoder prompted with the learned box alone (no tokens, no mask prompt);
+- ``region_box_only``: the same with the box of the mask prompt's largest connected region;
+- ``gt_box_plus_lp``: learned prompts plus the true box (bb+lp);
+- ``gt_box_only``: the true box alone (the zero-shot baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam2rad_monai.backbones import build_backbone
+from sam2rad_monai.data import build_datalist
+from sam2rad_monai.engine.cache import CachedFeatureDataset, FeatureCache
+from sam2rad_monai.engine.handlers import InitialWeights
+from sam2rad_monai.model import Prompts, Sam2Rad
+from sam2rad_monai.ppn import region_boxes
+
+CLASSES = ("nerve", "vessel")
+
+
+def dice(pred: np.ndarray, true: np.ndarray) -> float:
+    return float(2 * (pred & true).sum() / max(1, pred.sum() + true.sum()))
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+    return iw * ih / max(union, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--box_source", default="mask", choices=["mask", "query"])
+    parser.add_argument("--dataset_dir", default="../shared/datasets/usgra_nerve")
+    parser.add_argument("--cache_dir", default="bundle/cache")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    backbone = build_backbone("litemedsam")
+    model = Sam2Rad(backbone, len(CLASSES), box_source=args.box_source).eval()
+    skipped = InitialWeights(args.model_path, model).load()
+    if skipped:
+        raise SystemExit(f"{args.model_path} does not match box_source={args.box_source}: {skipped[:4]}")
+    data = build_datalist(args.dataset_dir, seed=0)["val"]
+    dataset = CachedFeatureDataset(data, FeatureCache(args.cache_dir, backbone, len(CLASSES), seed=0), 1,
+                                   random_view=False)
+    dataset.prepare()
+    size = backbone.image_size
+    scores: dict[str, list[list[float]]] = {}
+
+    def add(key: str, c: int, value: float) -> None:
+        scores.setdefault(key, [[] for _ in CLASSES])[c].append(value)
+
+    with torch.no_grad():
+        for item in dataset:
+            features = {k: v[None].float() for k, v in item["features"].items()}
+            out = model(features)
+
+            def decode(box: list[float], c: int, with_learned: bool) -> np.ndarray:
+                boxes = torch.tensor(box, dtype=torch.float32).reshape(1, 1, 4).repeat(1, len(CLASSES), 1)
+                res = model(features, Prompts(boxes=boxes), mode="refine" if with_learned else "manual")
+                return res["logits"][0, c].numpy() > 0
+
+            for c in range(len(CLASSES)):
+                if item["present"][c] < 0.5:
+                    continue
+                true = item["masks"][c].numpy() > 0.5
+                true_box = (item["boxes"][c].float() + torch.tensor([0.0, 0.0, 1.0, 1.0])).tolist()
+                learned_box = (out["boxes"][0, c] * size).tolist()
+                region_box = (region_boxes(out["mask_prompts"][0, c][None] > 0)[0] * size).tolist()
+                add("objectness", c, float(out["objectness"][0, c].sigmoid()))
+                add("box_iou", c, box_iou(learned_box, true_box))
+                add("mask_prompt", c, dice(out["mask_prompts"][0, c].numpy() > 0, true))
+                add("lp", c, dice(out["logits"][0, c].numpy() > 0, true))
+                add("learned_box_only", c, dice(decode(learned_box, c, False), true))
+                add("region_box_only", c, dice(decode(region_box, c, False), true))
+                add("gt_box_plus_lp", c, dice(decode(true_box, c, True), true))
+                add("gt_box_only", c, dice(decode(true_box, c, False), true))
+
+    summary = {key: {name: round(float(np.mean(v[c])), 4) for c, name in enumerate(CLASSES)}
+               for key, v in scores.items()}
+    for key, row in summary.items():
+        print(f"{key:18s} " + "  ".join(f"{name} {value:.3f}" for name, value in row.items()))
+    if args.output:
+        result = {"model_path": Path(args.model_path).name, "box_source": args.box_source, "split": "val",
+                  "rows_per_class": {name: len(scores["lp"][c]) for c, name in enumerate(CLASSES)},
+                  "mean": summary}
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
