@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from sam2rad_monai.backbones import build_backbone
 from sam2rad_monai.data import build_datalist
@@ -37,13 +38,6 @@ CLASSES = ("nerve", "vessel")
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
     return float(2 * (pred & true).sum() / max(1, pred.sum() + true.sum()))
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
-    return iw * ih / max(union, 1e-9)
 
 
 def main() -> None:
@@ -89,7 +83,7 @@ def main() -> None:
                 learned_box = (out["boxes"][0, c] * size).tolist()
                 region_box = (region_boxes(out["mask_prompts"][0, c][None] > 0)[0] * size).tolist()
                 add("objectness", c, float(out["objectness"][0, c].sigmoid()))
-                add("box_iou", c, box_iou(learned_box, true_box))
+                add("box_iou", c, float(box_iou(torch.tensor([learned_box]), torch.tensor([true_box]))[0, 0]))
                 add("mask_prompt", c, dice(out["mask_prompts"][0, c].numpy() > 0, true))
                 add("lp", c, dice(out["logits"][0, c].numpy() > 0, true))
                 add("learned_box_only", c, dice(decode(learned_box, c, False), true))

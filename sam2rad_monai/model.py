@@ -138,7 +138,8 @@ class Sam2Rad(nn.Module):
         Returns:
             dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
             (m = 4 x embedding grid), ``iou`` (B, C) SAM's IoU estimate; and, unless manual: ``boxes`` (B, C, 4)
-            normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box the loss trains, ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
+            normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box the loss trains,
+            ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
         """
         mode = Mode(mode)
         prompts = prompts or Prompts()

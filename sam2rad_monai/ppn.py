@@ -15,7 +15,7 @@ from monai.transforms.utils import get_largest_connected_component_mask
 from sam2.modeling.sam2_utils import LayerNorm2d
 from sam2.modeling.sam.transformer import TwoWayAttentionBlock
 from torch import Tensor, nn
-from torchvision.ops import MLP
+from torchvision.ops import MLP, masks_to_boxes
 
 
 @dataclass
@@ -34,7 +34,8 @@ class PromptPredictor(nn.Module):
 
     Args:
         num_classes: number of foreground classes; each has its own ``num_tokens`` queries.
-        num_tokens: tokens per class (N). Tokens 0-1 predict the box, 2..N-1 are free prompt embeddings.
+        num_tokens: tokens per class (N). Tokens 0-1 are box tokens (they predict the box when ``box_source`` is
+            ``"query"``), 2..N-1 are free prompt embeddings.
         box_source: where the box comes from. ``"mask"`` (default): the extents of the largest connected region of
             the mask prompt, trained through the soft extents of the mask-prompt probabilities; ``"query"``: regressed
             from tokens 0-1 by an MLP (the paper's head; DETR-like, it needs far more epochs to localise).
@@ -159,12 +160,11 @@ def region_boxes(masks: Tensor) -> Tensor:
     decoder, distilled from box prompts, follows closely. An empty map gives the whole image.
     """
     rows, h, w = masks.shape
-    boxes = masks.new_tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float32).repeat(rows, 1)
-    for r in range(rows):
-        if not masks[r].any():
-            continue
-        region = get_largest_connected_component_mask(masks[r].cpu())
-        ys, xs = torch.nonzero(torch.as_tensor(region), as_tuple=True)
-        boxes[r] = torch.tensor([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h],
-                                dtype=torch.float32, device=boxes.device)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=masks.device).repeat(rows, 1)
+    found = masks.flatten(1).any(dim=1)
+    if found.any():
+        regions = torch.stack([torch.as_tensor(get_largest_connected_component_mask(m.cpu())) for m in masks[found]])
+        # masks_to_boxes gives inclusive pixel indices; + 1 on x2, y2 turns them into pixel edges
+        edges = masks_to_boxes(regions.to(masks.device)) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+        boxes[found] = edges / torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
     return boxes

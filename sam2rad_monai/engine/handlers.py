@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import Tensor, nn
 
+from ..backbones import read_state_dict
 from ..model import Sam2Rad
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ class InitialWeights:
         """Load the matching tensors; return the names of those that were not loaded."""
         if not self.path.is_file():
             raise FileNotFoundError(f"initial model {self.path}: no such file")
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        state = state.get("model", state)  # a last.pt resume file holds the weights under "model"
+        state = read_state_dict(self.path)  # weights_only; also takes a last.pt, whose weights sit under "model"
         model = unwrap(self.network)
         own = model.ppn_state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
