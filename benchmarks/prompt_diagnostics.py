@@ -11,7 +11,7 @@ On the validation split (view 0 of the bundle's feature cache, seed 0: never the
 - ``mask_prompt``: Dice of the mask prompt (logit > 0);
 - ``lp``: Dice of the autonomous prediction;
 - ``learned_box_only``: the frozen decoder prompted with the learned box alone (no tokens, no mask prompt);
-- ``region_box_only``: the same with the box of the mask prompt's largest connected region;
+- ``region_box_only``: the same with the box of the mask prompt's substantial regions (:func:`region_boxes`);
 - ``gt_box_plus_lp``: learned prompts plus the true box (bb+lp);
 - ``gt_box_only``: the true box alone (the zero-shot baseline).
 """

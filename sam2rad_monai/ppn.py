@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms.utils import get_largest_connected_component_mask
+from scipy import ndimage
 from sam2.modeling.sam2_utils import LayerNorm2d
 from sam2.modeling.sam.transformer import TwoWayAttentionBlock
 from torch import Tensor, nn
 from torchvision.ops import MLP, masks_to_boxes
+
+# Chosen on the usgra validation split with the shipped model (lp Dice nerve / vessel: largest region only
+# 0.434 / 0.329, regions >= 0.25 of the largest 0.477 / 0.387, >= 0.1 0.485 / 0.367, every region 0.475 / 0.367)
+REGION_MIN_FRACTION = 0.25
 
 
 @dataclass
@@ -36,8 +41,9 @@ class PromptPredictor(nn.Module):
         num_classes: number of foreground classes; each has its own ``num_tokens`` queries.
         num_tokens: tokens per class (N). Tokens 0-1 are box tokens (they predict the box when ``box_source`` is
             ``"query"``), 2..N-1 are free prompt embeddings.
-        box_source: where the box comes from. ``"mask"`` (default): the extents of the largest connected region of
-            the mask prompt, trained through the soft extents of the mask-prompt probabilities; ``"query"``: regressed
+        box_source: where the box comes from. ``"mask"`` (default): the extents of the substantial connected
+            regions of the mask prompt (:func:`region_boxes`), trained through the soft extents of the mask-prompt
+            probabilities; ``"query"``: regressed
             from tokens 0-1 by an MLP (the paper's head; DETR-like, it needs far more epochs to localise).
         level_channels: channels of the feature levels, coarse to fine (``(256,)`` for SAM v1 families,
             ``(256, 64, 32)`` for SAM2). Layer ``i`` reads level ``i``; extra layers refine the last state.
@@ -153,18 +159,24 @@ def soft_extents(probs: Tensor) -> Tensor:
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
-def region_boxes(masks: Tensor) -> Tensor:
-    """Extents (R, 4) of the largest connected region of each binary map (R, H, W), normalised xyxy in pixel edges.
+def region_boxes(masks: Tensor, min_fraction: float = REGION_MIN_FRACTION) -> Tensor:
+    """Extents (R, 4) of the substantial connected regions of each binary map (R, H, W), normalised xyxy in pixel edges.
 
-    The largest region rather than all of the map: one stray response would otherwise stretch the box that SAM's
-    decoder, distilled from box prompts, follows closely. An empty map gives the whole image.
+    A region is substantial when its area is at least ``min_fraction`` of the largest region's: one stray speck
+    would otherwise stretch the box that SAM's decoder, distilled from box-prompted MedSAM, follows closely, while a
+    structure seen as two parts (a nerve split by a fascicle border) keeps both. An empty map gives the whole image.
     """
     rows, h, w = masks.shape
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=masks.device).repeat(rows, 1)
     found = masks.flatten(1).any(dim=1)
     if found.any():
-        regions = torch.stack([torch.as_tensor(get_largest_connected_component_mask(m.cpu())) for m in masks[found]])
+        kept = []
+        for m in masks[found].cpu().numpy():
+            labels, count = ndimage.label(m)
+            areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+            kept.append(np.isin(labels, 1 + np.flatnonzero(areas >= min_fraction * areas.max())))
         # masks_to_boxes gives inclusive pixel indices; + 1 on x2, y2 turns them into pixel edges
-        edges = masks_to_boxes(regions.to(masks.device)) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+        regions = torch.as_tensor(np.stack(kept), device=masks.device)
+        edges = masks_to_boxes(regions) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
         boxes[found] = edges / torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
     return boxes

@@ -31,13 +31,18 @@ def test_soft_extents_equal_pixel_extents_on_binary_maps_and_train_the_map():
     assert probs.grad.abs().sum() > 0
 
 
-def test_region_boxes_follow_the_largest_region_and_default_to_the_whole_image():
-    maps = torch.zeros(2, 16, 16, dtype=torch.bool)
+def test_region_boxes_keep_substantial_regions_drop_specks_and_default_to_the_whole_image():
+    maps = torch.zeros(3, 16, 16, dtype=torch.bool)
     maps[0, 10:14, 0:4] = True  # 16 px: the region the box must cover
     maps[0, 0, 15] = True  # a stray pixel that would stretch a plain min/max box to the whole image
+    maps[2, 2:6, 2:6] = True  # a structure in two parts (16 and 6 px): the box covers both
+    maps[2, 9:11, 11:14] = True
     boxes = region_boxes(maps)
     assert torch.equal(boxes[0], torch.tensor([0.0, 10.0, 4.0, 14.0]) / 16)
     assert torch.equal(boxes[1], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert torch.equal(boxes[2], torch.tensor([2.0, 2.0, 14.0, 11.0]) / 16)
+    # a part below the fraction is dropped like a speck
+    assert torch.equal(region_boxes(maps[2:], min_fraction=0.5)[0], torch.tensor([2.0, 2.0, 6.0, 6.0]) / 16)
 
 
 def test_mask_box_source_gives_the_decoder_the_mask_prompt_region():
