@@ -118,7 +118,7 @@ class Sam2RadPredictor:
         Args:
             frames: (H, W) or (H, W, 3) arrays on a 0..255 scale.
             mode: ``autonomous``, ``refine`` or ``manual``.
-            prompts: per-frame user prompts (refine / manual), in frame pixels.
+            prompts: per-frame user prompts (refine / manual), in frame pixels; ignored in autonomous mode.
             features: precomputed features of these frames (from :meth:`encode`) to skip the encoder.
         """
         mode = Mode(mode)
@@ -127,6 +127,9 @@ class Sam2RadPredictor:
             if mode is Mode.MANUAL:  # nothing prompted, nothing segmented
                 return [self._empty(np.asarray(f).shape[:2]) for f in frames]
             mode = Mode.AUTONOMOUS  # refine without user prompts is the learned prompts alone
+        if mode is Mode.AUTONOMOUS:
+            # autonomous means no user input at all: a prompt must not even keep a class its objectness drops
+            prompts = [None] * len(frames)
         if features is None:
             features, sizes = self.encode(frames)
         else:

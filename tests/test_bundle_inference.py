@@ -271,6 +271,23 @@ def test_manual_mode_segments_only_prompted(tmp_path: Path, predictor: Sam2RadPr
     assert set(np.unique(labels)) <= {0, 2} and (labels == 2).any()
 
 
+def test_autonomous_mode_ignores_user_prompts(predictor: Sam2RadPredictor) -> None:
+    # a box must not keep a class the PPN's objectness drops: evaluation's lp mode once leaked ground-truth presence
+    from sam2rad_monai.inference import FramePrompts
+
+    frame = _grey(SAMPLE)
+    boxes = FramePrompts(boxes={0: (100.0, 100.0, 300.0, 300.0), 1: (150.0, 150.0, 350.0, 350.0)})
+    threshold = predictor.objectness_threshold
+    try:
+        predictor.objectness_threshold = float("-inf")  # every class passes: the decoder paints something
+        assert predictor.predict([frame], "autonomous")[0].masks.any()
+        predictor.objectness_threshold = float("inf")  # no class passes
+        assert not predictor.predict([frame], "autonomous", [boxes])[0].masks.any()
+        assert predictor.predict([frame], "refine", [boxes])[0].masks.any()  # a user prompt keeps its class there
+    finally:
+        predictor.objectness_threshold = threshold
+
+
 def test_discover_inputs_groups_series_and_names_outputs(tmp_path: Path) -> None:
     frame = _grey(SAMPLE)[:32, :32]
     png_frames_to_dicom_series([frame, frame, frame], tmp_path / "study" / "s1")
