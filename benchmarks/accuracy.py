@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--cache_dir", type=Path, default=BUNDLE / "cache")
     parser.add_argument("--full_epochs", type=int, default=10)
     parser.add_argument("--few_shot_epochs", type=int, default=60)
+    parser.add_argument("--few_shot_views", type=int, default=4, help="cached augmentation views per few-shot image")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--skip_full", action="store_true")
@@ -77,7 +78,8 @@ def main() -> None:
     for seed in ns.seeds:
         results[f"10shot-s{seed}"] = train_and_evaluate(
             f"10shot-s{seed}", ["--num_train_images", "10", "--seed", str(seed), "--max_epochs",
-                                str(ns.few_shot_epochs), "--val_interval", "5", *common], ns)
+                                str(ns.few_shot_epochs), "--val_interval", "5", "--cache_views",
+                                str(ns.few_shot_views), *common], ns)
     summary = {"runs": results, "summary": summarise(results)}
     (ns.runs_dir / "accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["summary"], indent=2))
