@@ -43,8 +43,8 @@ class PromptPredictor(nn.Module):
             ``"query"``), 2..N-1 are free prompt embeddings.
         box_source: where the box comes from. ``"mask"`` (default): the extents of the substantial connected
             regions of the mask prompt (:func:`region_boxes`), trained through the soft extents of the mask-prompt
-            probabilities; ``"query"``: regressed
-            from tokens 0-1 by an MLP (the paper's head; DETR-like, it needs far more epochs to localise).
+            probabilities; ``"query"``: regressed from tokens 0-1 by an MLP (the paper's head; DETR-like, it needs
+            far more epochs to localise).
         level_channels: channels of the feature levels, coarse to fine (``(256,)`` for SAM v1 families,
             ``(256, 64, 32)`` for SAM2). Layer ``i`` reads level ``i``; extra layers refine the last state.
         mask_prompt_size: side of the mask prompt SAM's prompt encoder expects (4 x the embedding grid).

@@ -85,8 +85,8 @@ def evaluate(predictor: Sam2RadPredictor, data: Sequence[dict[str, Any]], class_
         prompts = gt_box_prompts(label, num_classes)
         for mode in modes:
             # a frame without any object: box gives an empty map, bb+lp falls back to the learned prompts
-            # lp gets no ground truth at all, not even the presence a box implies
-            pred = predictor.predict([image], MODES[mode], None if mode == "lp" else [prompts], features=features)[0]
+            # lp ignores the boxes: autonomous mode takes no user input (not even the presence a box implies)
+            pred = predictor.predict([image], MODES[mode], [prompts], features=features)[0]
             scores[mode].add(str(item.get("id", index)), pred.label_map, label)
             if mode == modes[0] and index < num_overlays:
                 Image.fromarray(overlay(image, label, pred.label_map)).save(
