@@ -9,7 +9,8 @@ On the validation split (view 0 of the bundle's feature cache, seed 0: never the
 - ``objectness``: the PPN's presence probability;
 - ``box_iou``: IoU of the box the decoder was given with the true box;
 - ``mask_prompt``: Dice of the mask prompt (logit > 0);
-- ``lp``: Dice of the autonomous prediction;
+- ``lp``: Dice of the autonomous prediction (the mean of the decoder's and the mask prompt's logits);
+- ``lp_decoder_only``: the same prediction before that fusion (the decoder's own output);
 - ``learned_box_only``: the frozen decoder prompted with the learned box alone (no tokens, no mask prompt);
 - ``region_box_only``: the same with the box of the mask prompt's substantial regions (:func:`region_boxes`);
 - ``gt_box_plus_lp``: learned prompts plus the true box (bb+lp);
@@ -26,10 +27,9 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from sam2rad_monai.backbones import build_backbone
+from sam2rad_monai.backbones import build_backbone, read_state_dict
 from sam2rad_monai.data import build_datalist
 from sam2rad_monai.engine.cache import CachedFeatureDataset, FeatureCache
-from sam2rad_monai.engine.handlers import InitialWeights
 from sam2rad_monai.model import Prompts, Sam2Rad
 from sam2rad_monai.ppn import region_boxes
 
@@ -52,9 +52,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = build_backbone("litemedsam")
     model = Sam2Rad(backbone, len(CLASSES), box_source=args.box_source).eval()
-    skipped = InitialWeights(args.model_path, model).load()
-    if skipped:
-        raise SystemExit(f"{args.model_path} does not match box_source={args.box_source}: {skipped[:4]}")
+    model.load_ppn_state_dict(read_state_dict(args.model_path))  # takes a LoRA decoder update too
     data = build_datalist(args.dataset_dir, seed=0)["val"]
     dataset = CachedFeatureDataset(data, FeatureCache(args.cache_dir, backbone, len(CLASSES), seed=0), 1,
                                    random_view=False)
@@ -86,6 +84,7 @@ def main() -> None:
                 add("box_iou", c, float(box_iou(torch.tensor([learned_box]), torch.tensor([true_box]))[0, 0]))
                 add("mask_prompt", c, dice(out["mask_prompts"][0, c].numpy() > 0, true))
                 add("lp", c, dice(out["logits"][0, c].numpy() > 0, true))
+                add("lp_decoder_only", c, dice(out["decoder_logits"][0, c].numpy() > 0, true))
                 add("learned_box_only", c, dice(decode(learned_box, c, False), true))
                 add("region_box_only", c, dice(decode(region_box, c, False), true))
                 add("gt_box_plus_lp", c, dice(decode(true_box, c, True), true))

@@ -18,6 +18,9 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 class Sam2RadLoss(nn.Module):
     """Loss on the outputs of :class:`~sam2rad_monai.model.Sam2Rad` against per-class targets.
 
+    The final-mask terms train ``decoder_logits`` when the model returns them (the decoder's own output, before any
+    fusion with the mask prompt, which has its own terms), else ``logits``.
+
     Targets (a dict): ``masks`` (B, C, S, S) in {0, 1}, ``boxes`` (B, C, 4) in input pixels (inclusive corner indices),
     ``present`` (B, C) in {0, 1}. Mask losses are computed at the decoder's resolution (targets area-resized).
 
@@ -42,7 +45,7 @@ class Sam2RadLoss(nn.Module):
     def terms(self, pred: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each weighted term of the loss separately (for logging)."""
         present = target["present"].flatten() > 0.5
-        logits = pred["logits"].flatten(0, 1)
+        logits = pred.get("decoder_logits", pred["logits"]).flatten(0, 1)
         masks = target["masks"].flatten(0, 1).unsqueeze(1).float()
         if masks.shape[-1] != logits.shape[-1]:
             masks = F.interpolate(masks, size=logits.shape[-2:], mode="area")

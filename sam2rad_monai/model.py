@@ -40,17 +40,23 @@ class Prompts:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update ``B @ A`` (B starts at zero: no change at step 0)."""
+    """A frozen linear layer plus a trainable low-rank update ``B @ A`` (B starts at zero: no change at step 0).
+
+    ``enabled = False`` bypasses the update, giving back the backbone's own layer (manual mode).
+    """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
         super().__init__()
         self.base = base
+        self.enabled = True
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = (alpha or rank) / rank
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
 
@@ -61,7 +67,7 @@ def add_lora(decoder: nn.Module, rank: int) -> list[nn.Parameter]:
         for name in ("q_proj", "v_proj"):
             layer = getattr(module, name, None)
             if isinstance(layer, nn.Linear):
-                lora = LoRALinear(layer, rank)
+                lora = LoRALinear(layer, rank).to(layer.weight.device)
                 setattr(module, name, lora)
                 params += [lora.lora_a, lora.lora_b]
     return params
@@ -78,16 +84,24 @@ class Sam2Rad(nn.Module):
         num_classes: foreground classes.
         num_tokens, depth, ...: prompt predictor sizes (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
         lora_rank: LoRA rank on the mask decoder's attention q/v projections; 0 (default) keeps the decoder frozen.
+            LoRA adapts the decoder to the learned prompts, so it is on in autonomous and refine modes and off in
+            manual mode, which stays the backbone's own SAM (the zero-shot baseline).
         box_source: ``"mask"`` (default) reads the learned box off the mask prompt, ``"query"`` regresses it from
             the box tokens (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
+        fuse_mask_prompt: in autonomous mode (default), output the mean of the decoder's and the mask prompt's logits
+            (two heads trained on the same target, each by its own loss term) instead of the decoder's alone: on the
+            usgra validation split the frozen decoder, prompted with a learned box, lost detail the mask prompt had
+            (see docs/BENCHMARKS.md). Refine and manual modes always output the decoder's logits, so the user's
+            prompts keep the last word.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
                  num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
-                 lora_rank: int = 0, box_source: str = "mask") -> None:
+                 lora_rank: int = 0, box_source: str = "mask", fuse_mask_prompt: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
+        self.fuse_mask_prompt = fuse_mask_prompt
         self.ppn = PromptPredictor(num_classes, num_tokens, backbone.level_channels, backbone.mask_prompt_size,
                                    depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
                                    mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
@@ -115,9 +129,21 @@ class Sam2Rad(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or "lora_" in k}
 
     def load_ppn_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a checkpoint written by :meth:`ppn_state_dict`; every PPN / LoRA key must be present."""
+        """Load a checkpoint written by :meth:`ppn_state_dict`; every PPN / LoRA key must be present.
+
+        A model built without LoRA takes the checkpoint's LoRA rank (a decoder update is part of the trained model,
+        so configs need not repeat it); any other difference is an error.
+        """
+        rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
+        adopt_lora = rank > 0 and self.lora_rank == 0
         expected = set(self.ppn_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        given = {k for k in state if not adopt_lora or "lora_" not in k}  # LoRA keys are checked once added
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        if not (missing or unexpected) and adopt_lora:
+            add_lora(self.backbone.mask_decoder, rank)
+            self.lora_rank = rank
+            expected, given = set(self.ppn_state_dict()), set(state)
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
         if missing or unexpected:
             raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]} (check num_classes, num_tokens, lora_rank and box_source)")
@@ -137,7 +163,8 @@ class Sam2Rad(nn.Module):
 
         Returns:
             dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
-            (m = 4 x embedding grid), ``iou`` (B, C) SAM's IoU estimate; and, unless manual: ``boxes`` (B, C, 4)
+            (m = 4 x embedding grid; fused with the mask prompt, see ``fuse_mask_prompt``), ``decoder_logits`` the
+            decoder's own (what the loss trains), ``iou`` (B, C) SAM's IoU estimate; and, unless manual: ``boxes`` (B, C, 4)
             normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box the loss trains,
             ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
         """
@@ -145,6 +172,9 @@ class Sam2Rad(nn.Module):
         prompts = prompts or Prompts()
         if mode is not Mode.AUTONOMOUS and prompts.is_empty():
             raise ValueError(f"{mode.value} mode needs user prompts (boxes, points or masks)")
+        for module in self.backbone.mask_decoder.modules():
+            if isinstance(module, LoRALinear):
+                module.enabled = mode is not Mode.MANUAL
         features = inputs if isinstance(inputs, dict) else self.backbone.encode(inputs)
         features = {k: v.float() for k, v in features.items()}  # cached features are stored in fp16
         batch, classes = features["embed"].shape[0], self.num_classes
@@ -165,7 +195,10 @@ class Sam2Rad(nn.Module):
 
         row_features = {k: v.repeat_interleave(classes, dim=0) for k, v in features.items()}
         logits, iou = self.backbone.decode(row_features, torch.cat(sparse_parts, dim=1), dense)
-        out["logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
+        out["decoder_logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
+        out["logits"] = out["decoder_logits"]
+        if mode is Mode.AUTONOMOUS and self.fuse_mask_prompt:
+            out["logits"] = (out["decoder_logits"] + out["mask_prompts"]) / 2
         out["iou"] = iou.reshape(batch, classes)
         return out
 

@@ -43,7 +43,7 @@ def test_optimiser_step_changes_only_ppn_and_lora(lora_rank):
     assert not backbone.training  # the backbone stays in eval mode while the model trains
 
 
-def test_lora_starts_as_identity():
+def test_lora_starts_as_identity_and_manual_mode_bypasses_it():
     images = torch.randn(1, 3, 64, 64)
     prompts = Prompts(boxes=torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2]))
     torch.manual_seed(0)
@@ -51,7 +51,12 @@ def test_lora_starts_as_identity():
     torch.manual_seed(0)
     lora = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), 2, lora_rank=4).eval()
     with torch.no_grad():
+        assert torch.allclose(plain(images, prompts, "refine")["logits"], lora(images, prompts, "refine")["logits"])
+        for p in lora.lora_parameters():  # a trained update: B no longer zero
+            p.add_(0.5)
+        # manual mode is the backbone's own decoder (the zero-shot baseline); the learned modes use the update
         assert torch.allclose(plain(images, prompts, "manual")["logits"], lora(images, prompts, "manual")["logits"])
+        assert not torch.allclose(plain(images, prompts, "refine")["logits"], lora(images, prompts, "refine")["logits"])
 
 
 @pytest.mark.parametrize("box_source", ["mask", "query"])
@@ -92,6 +97,32 @@ def test_ppn_checkpoint_holds_no_backbone_weights(tmp_path):
     other = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2, lora_rank=2)
     other.load_ppn_state_dict(state)
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
-    with pytest.raises(KeyError, match="num_classes"):
-        Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2).load_ppn_state_dict(
-            state)
+    # a model built without LoRA takes the checkpoint's rank; one built with LoRA refuses a checkpoint without it
+    plain = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2)
+    plain.load_ppn_state_dict(state)
+    assert plain.lora_rank == 2 and all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items())
+    no_lora = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2).ppn_state_dict()
+    with pytest.raises(KeyError, match="lora_rank"):
+        other.load_ppn_state_dict(no_lora)
+    query = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2, box_source="query")
+    with pytest.raises(KeyError, match="box_source"):
+        query.load_ppn_state_dict(state)
+    assert query.lora_rank == 0  # a refused checkpoint leaves the model as it was
+
+
+def test_fused_output_only_in_autonomous_mode():
+    torch.manual_seed(0)
+    model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), 2, fuse_mask_prompt=True).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        auto = model(images)
+        refine = model(images, Prompts(boxes=torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2])), "refine")
+    assert torch.allclose(auto["logits"], (auto["decoder_logits"] + auto["mask_prompts"]) / 2)
+    assert not torch.allclose(auto["logits"], auto["decoder_logits"])
+    assert torch.equal(refine["logits"], refine["decoder_logits"])  # the user's prompts keep the last word
+    # the loss trains the decoder's own output, not the fusion
+    target = {"masks": (torch.rand(1, 2, 64, 64) > 0.5).float(), "boxes": torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2]),
+              "present": torch.ones(1, 2)}
+    loss = Sam2RadLoss(image_size=64)
+    assert torch.equal(loss.terms(auto, target)["mask"],
+                       loss.terms({**auto, "logits": auto["decoder_logits"]}, target)["mask"])
