@@ -164,9 +164,9 @@ class Sam2Rad(nn.Module):
         Returns:
             dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
             (m = 4 x embedding grid; fused with the mask prompt, see ``fuse_mask_prompt``), ``decoder_logits`` the
-            decoder's own (what the loss trains), ``iou`` (B, C) SAM's IoU estimate; and, unless manual: ``boxes`` (B, C, 4)
-            normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box the loss trains,
-            ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
+            decoder's own (what the loss trains), ``iou`` (B, C) SAM's IoU estimate; and, unless manual:
+            ``boxes`` (B, C, 4) normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box
+            the loss trains, ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
         """
         mode = Mode(mode)
         prompts = prompts or Prompts()
