@@ -135,15 +135,12 @@ class Sam2Rad(nn.Module):
         so configs need not repeat it); any other difference is an error.
         """
         rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
-        adopt_lora = rank > 0 and self.lora_rank == 0
-        expected = set(self.ppn_state_dict())
-        given = {k for k in state if not adopt_lora or "lora_" not in k}  # LoRA keys are checked once added
-        missing, unexpected = sorted(expected - given), sorted(given - expected)
-        if not (missing or unexpected) and adopt_lora:
+        # adopt the rank only for a checkpoint that otherwise matches, so a refused one leaves the model as it was
+        if rank and self.lora_rank == 0 and {k for k in state if "lora_" not in k} == set(self.ppn_state_dict()):
             add_lora(self.backbone.mask_decoder, rank)
             self.lora_rank = rank
-            expected, given = set(self.ppn_state_dict()), set(state)
-            missing, unexpected = sorted(expected - given), sorted(given - expected)
+        expected = set(self.ppn_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]} (check num_classes, num_tokens, lora_rank and box_source)")

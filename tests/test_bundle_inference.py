@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from sam2rad_monai.backbones import build_backbone
 from sam2rad_monai.batch_inference import InferenceRunner, discover_inputs, load_prompts
-from sam2rad_monai.inference import Sam2RadPredictor
+from sam2rad_monai.inference import FramePrompts, Sam2RadPredictor
 from sam2rad_monai.io import (
     png_frames_to_dicom_series,
     png_frames_to_multiframe_dicom,
@@ -273,8 +273,6 @@ def test_manual_mode_segments_only_prompted(tmp_path: Path, predictor: Sam2RadPr
 
 def test_autonomous_mode_ignores_user_prompts(predictor: Sam2RadPredictor) -> None:
     # a box must not keep a class the PPN's objectness drops: evaluation's lp mode once leaked ground-truth presence
-    from sam2rad_monai.inference import FramePrompts
-
     frame = _grey(SAMPLE)
     boxes = FramePrompts(boxes={0: (100.0, 100.0, 300.0, 300.0), 1: (150.0, 150.0, 350.0, 350.0)})
     threshold = predictor.objectness_threshold
