@@ -13,11 +13,8 @@ from monai.utils import convert_to_tensor
 from torch import Tensor
 
 from .backbones import Backbone, build_backbone, read_state_dict
-from .model import Mode, Prompts, Sam2Rad
+from .model import MASK_PROMPT_LOGIT, Mode, Prompts, Sam2Rad
 from .transforms import preprocessing_transforms
-
-# mask prompts given as binary masks become logits of this magnitude (SAM takes logits as its mask input)
-MASK_PROMPT_LOGIT = 10.0
 
 
 @dataclass

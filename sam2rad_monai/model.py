@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from .backbones import Backbone, Features
 from .ppn import PromptPredictor
 
+MASK_PROMPT_LOGIT = 10.0  # logit magnitude a user mask, box or click writes into the mask prompt
+
 
 class Mode(str, Enum):
     """How the decoder is prompted."""
@@ -88,20 +90,25 @@ class Sam2Rad(nn.Module):
             manual mode, which stays the backbone's own SAM (the zero-shot baseline).
         box_source: ``"mask"`` (default) reads the learned box off the mask prompt, ``"query"`` regresses it from
             the box tokens (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
-        fuse_mask_prompt: in autonomous mode (default), output the mean of the decoder's and the mask prompt's logits
-            (two heads trained on the same target, each by its own loss term) instead of the decoder's alone: on the
-            usgra validation split the frozen decoder, prompted with a learned box, lost detail the mask prompt had
-            (see docs/BENCHMARKS.md). Refine and manual modes always output the decoder's logits, so the user's
-            prompts keep the last word.
+        fuse_mask_prompt: output the mean of the decoder's and the mask prompt's logits (two heads trained on the
+            same target, each by its own loss term) instead of the decoder's alone (default): on the usgra validation
+            split the frozen decoder, prompted with a learned box, lost detail the mask prompt had. In refine mode the
+            mask prompt carries the user's edits (see ``click_radius``), and a class the user boxed gets the
+            decoder's output alone, which follows a true box better than the mean does. Manual mode is always the
+            decoder's. Measurements: docs/BENCHMARKS.md.
+        click_radius: radius of the disc a refine-mode click paints into the mask prompt, as a fraction of the input
+            side (1/16 was the best of 1/32 to 1/8 in the click benchmark on the usgra validation split).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
                  num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
-                 lora_rank: int = 0, box_source: str = "mask", fuse_mask_prompt: bool = True) -> None:
+                 lora_rank: int = 0, box_source: str = "mask", fuse_mask_prompt: bool = True,
+                 click_radius: float = 1 / 16) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.fuse_mask_prompt = fuse_mask_prompt
+        self.click_radius = click_radius
         self.ppn = PromptPredictor(num_classes, num_tokens, backbone.level_channels, backbone.mask_prompt_size,
                                    depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
                                    mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
@@ -162,8 +169,9 @@ class Sam2Rad(nn.Module):
             dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
             (m = 4 x embedding grid; fused with the mask prompt, see ``fuse_mask_prompt``), ``decoder_logits`` the
             decoder's own (what the loss trains), ``iou`` (B, C) SAM's IoU estimate; and, unless manual:
-            ``boxes`` (B, C, 4) normalised xyxy given to the decoder, ``box_fit`` (B, C, 4) the differentiable box
-            the loss trains, ``mask_prompts`` (B, C, m, m) logits, ``objectness`` (B, C) logits.
+            ``boxes`` (B, C, 4) the learned normalised xyxy box, ``box_fit`` (B, C, 4) the differentiable box the
+            loss trains, ``mask_prompts`` (B, C, m, m) the learned mask-prompt logits (before any user edit),
+            ``objectness`` (B, C) logits.
         """
         mode = Mode(mode)
         prompts = prompts or Prompts()
@@ -178,24 +186,24 @@ class Sam2Rad(nn.Module):
         rows = batch * classes
         out: dict[str, Tensor] = {}
 
-        sparse_parts: list[Tensor] = []
-        dense = None
-        if mode is not Mode.MANUAL:
+        if mode is Mode.MANUAL:
+            sparse, dense = self._user_prompts(prompts, rows)
+        else:
             learned = self._learned_prompts(features)
-            sparse_parts.append(learned.pop("sparse"))
-            dense = learned.pop("dense")
+            sparse, mask_prompt = learned.pop("sparse"), learned["mask_prompts"]
+            boxed = torch.zeros(rows, dtype=torch.bool, device=sparse.device)
+            if mode is Mode.REFINE:
+                sparse, mask_prompt, boxed = self._edit_learned_prompts(prompts, rows, sparse, mask_prompt)
+            dense = self.backbone.embed_masks(mask_prompt[:, None])
             out.update({k: v.reshape(batch, classes, *v.shape[1:]) for k, v in learned.items()})
-        if mode is not Mode.AUTONOMOUS:
-            user_sparse, user_dense = self._user_prompts(prompts, rows, fallback_dense=dense)
-            sparse_parts.append(user_sparse)
-            dense = user_dense
 
         row_features = {k: v.repeat_interleave(classes, dim=0) for k, v in features.items()}
-        logits, iou = self.backbone.decode(row_features, torch.cat(sparse_parts, dim=1), dense)
+        logits, iou = self.backbone.decode(row_features, sparse, dense)
         out["decoder_logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
         out["logits"] = out["decoder_logits"]
-        if mode is Mode.AUTONOMOUS and self.fuse_mask_prompt:
-            out["logits"] = (out["decoder_logits"] + out["mask_prompts"]) / 2
+        if mode is not Mode.MANUAL and self.fuse_mask_prompt:
+            fused = (logits[:, 0] + mask_prompt) / 2
+            out["logits"] = torch.where(boxed.reshape(-1, 1, 1), logits[:, 0], fused).reshape_as(out["logits"])
         out["iou"] = iou.reshape(batch, classes)
         return out
 
@@ -205,18 +213,63 @@ class Sam2Rad(nn.Module):
         level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
         pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0])
         box_tokens = bb.embed_boxes(pred.boxes * bb.image_size)
-        dense = bb.embed_masks(pred.mask_prompts)
         return {
-            "sparse": torch.cat([box_tokens, pred.tokens], dim=1),
-            "dense": dense,
+            "sparse": torch.cat([box_tokens, pred.tokens], dim=1),  # the box's two tokens first
             "boxes": pred.boxes,
             "box_fit": pred.box_fit,
             "mask_prompts": pred.mask_prompts[:, 0],
             "objectness": pred.objectness,
         }
 
-    def _user_prompts(self, prompts: Prompts, rows: int, fallback_dense: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Embed user prompts as SAM's prompt encoder does (points, then box tokens; mask as dense prompt)."""
+    def _edit_learned_prompts(self, prompts: Prompts, rows: int, sparse: Tensor, mask_prompt: Tensor
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+        """Refine mode: the user's prompts edit the learned ones, row by row.
+
+        A user mask replaces the learned mask prompt. A user box replaces the learned box (SAM reads one box; the
+        learned one's tokens become padding, the user's join at the end, as in training) and clears the mask prompt
+        outside it. Each click joins the sparse tokens as a point and paints a disc of
+        radius ``click_radius`` (positive or negative, later clicks over earlier ones) into the mask prompt, which
+        the frozen decoder follows far more than a point token. Returns the sparse tokens, the mask prompt and
+        which rows hold a user box.
+        """
+        bb = self.backbone
+        m = mask_prompt.shape[-1]
+        # input-pixel coordinates of the mask-prompt cells' centres
+        centres = (torch.arange(m, device=mask_prompt.device, dtype=mask_prompt.dtype) + 0.5) * bb.image_size / m
+        negative = torch.full_like(mask_prompt, -MASK_PROMPT_LOGIT)
+        if prompts.masks is not None:
+            valid = _row_flags(prompts.mask_valid, rows, mask_prompt.device)
+            user = prompts.masks.reshape(rows, m, m).to(mask_prompt.dtype)
+            mask_prompt = torch.where(valid.reshape(-1, 1, 1), user, mask_prompt)
+        boxed = torch.zeros(rows, dtype=torch.bool, device=mask_prompt.device)
+        if prompts.boxes is not None:
+            boxed = _row_flags(prompts.box_valid, rows, mask_prompt.device)
+            boxes = prompts.boxes.reshape(rows, 4).to(mask_prompt.dtype)
+            pad = bb.not_a_point().expand(rows, 2, -1)
+            learned_box = torch.where(boxed.reshape(-1, 1, 1), pad, sparse[:, :2])
+            user_box = torch.where(boxed.reshape(-1, 1, 1), bb.embed_boxes(boxes), pad)
+            sparse = torch.cat([learned_box, sparse[:, 2:], user_box], dim=1)
+            # inclusive corner indices: the box covers pixel edges x1 .. x2 + 1
+            inside_x = (centres >= boxes[:, 0:1]) & (centres <= boxes[:, 2:3] + 1)
+            inside_y = (centres >= boxes[:, 1:2]) & (centres <= boxes[:, 3:4] + 1)
+            outside = ~(inside_y[:, :, None] & inside_x[:, None, :])
+            mask_prompt = torch.where(boxed.reshape(-1, 1, 1) & outside, negative, mask_prompt)
+        if prompts.points is not None:
+            coords = prompts.points.reshape(rows, -1, 2).to(mask_prompt.dtype)
+            labels = prompts.point_labels.reshape(rows, -1)
+            sparse = torch.cat([sparse, bb.embed_points(coords, labels, pad=False)], dim=1)
+            radius = self.click_radius * bb.image_size
+            for j in range(coords.shape[1]):
+                dx = centres[None, None, :] - coords[:, j, 0, None, None]
+                dy = centres[None, :, None] - coords[:, j, 1, None, None]
+                disc = (dx ** 2 + dy ** 2 <= radius ** 2) & (labels[:, j] >= 0).reshape(-1, 1, 1)
+                value = torch.where(labels[:, j] == 1, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).to(mask_prompt.dtype)
+                mask_prompt = torch.where(disc, value.reshape(-1, 1, 1), mask_prompt)
+        return sparse, mask_prompt, boxed
+
+    def _user_prompts(self, prompts: Prompts, rows: int) -> tuple[Tensor, Tensor]:
+        """Manual mode: embed the user's prompts as SAM's prompt encoder does (points, then box tokens; mask as the
+        dense prompt)."""
         bb = self.backbone
         parts: list[Tensor] = []
         if prompts.points is not None:
@@ -232,10 +285,17 @@ class Sam2Rad(nn.Module):
             parts.append(tokens)
         sparse = torch.cat(parts, dim=1) if parts else bb.embed_boxes(torch.zeros(rows, 4))[:, :0]
 
-        dense = fallback_dense if fallback_dense is not None else bb.no_mask_dense(rows)
+        dense = bb.no_mask_dense(rows)
         if prompts.masks is not None:
             user = bb.embed_masks(prompts.masks.reshape(rows, 1, *prompts.masks.shape[-2:]).float())
             if prompts.mask_valid is not None:
                 user = torch.where(prompts.mask_valid.reshape(rows, 1, 1, 1), user, dense)
             dense = user
         return sparse, dense
+
+
+def _row_flags(valid: Tensor | None, rows: int, device: torch.device) -> Tensor:
+    """A prompt's ``*_valid`` flags as one bool per row (all True when not given)."""
+    if valid is None:
+        return torch.ones(rows, dtype=torch.bool, device=device)
+    return valid.reshape(rows).to(device=device, dtype=torch.bool)

@@ -108,17 +108,16 @@ def test_label_app_over_http(server):
                 fp_case = (name, k, served, false_positive)
     assert fp_case is not None, "no false-positive region to click on in the sample"
 
-    # a negative click in the middle of a false-positive region takes label away there (refine mode keeps the
-    # learned prompts, so the region shrinks; it need not vanish, and with the shipped model it shrinks only a few
-    # per cent: the learned prompts dominate the decoder, see the click benchmark in docs/BENCHMARKS.md)
+    # a negative click in the middle of a false-positive region takes the label away there and shrinks the region
+    # (refine mode keeps the learned prompts, so it need not vanish)
     name, k, served, false_positive = fp_case
     x, y, label = error_click(false_positive, np.zeros_like(false_positive))
     assert label == 0
     label_name = ["nerve", "vessel"][k - 1]
     clicked = _infer(server, "sam2rad_interactive", name, {"label": label_name, "foreground": [],
                                                            "background": [[int(x), int(y)]]})
-    assert served[int(y), int(x)] == k
-    assert ((clicked == k) & false_positive).sum() < false_positive.sum()
+    assert served[int(y), int(x)] == k and clicked[int(y), int(x)] != k
+    assert ((clicked == k) & false_positive).sum() < 0.95 * false_positive.sum()
 
     # save a label, train on it: the model file changes, still loads, and the server keeps serving
     before = hashlib.sha256(server["model"].read_bytes()).hexdigest()

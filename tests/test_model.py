@@ -7,7 +7,7 @@ import torch
 
 from sam2rad_monai.backbones import build_backbone
 from sam2rad_monai.losses import Sam2RadLoss
-from sam2rad_monai.model import Prompts, Sam2Rad
+from sam2rad_monai.model import MASK_PROMPT_LOGIT, Prompts, Sam2Rad
 
 
 def _targets(batch: int, size: int, present: list[list[float]]) -> dict[str, torch.Tensor]:
@@ -110,19 +110,66 @@ def test_ppn_checkpoint_holds_no_backbone_weights(tmp_path):
     assert query.lora_rank == 0  # a refused checkpoint leaves the model as it was
 
 
-def test_fused_output_only_in_autonomous_mode():
+def test_fused_output_and_refine_edits():
     torch.manual_seed(0)
     model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), 2, fuse_mask_prompt=True).eval()
     images = torch.randn(1, 3, 64, 64)
+    box = torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2])
     with torch.no_grad():
         auto = model(images)
-        refine = model(images, Prompts(boxes=torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2])), "refine")
+        # class 0: a box; class 1: one negative click at (x=50, y=20)
+        refine = model(images, Prompts(boxes=box, box_valid=torch.tensor([[True, False]]),
+                                       points=torch.tensor([[[[0.0, 0.0]], [[50.0, 20.0]]]]),
+                                       point_labels=torch.tensor([[[-1], [0]]])), "refine")
     assert torch.allclose(auto["logits"], (auto["decoder_logits"] + auto["mask_prompts"]) / 2)
     assert not torch.allclose(auto["logits"], auto["decoder_logits"])
-    assert torch.equal(refine["logits"], refine["decoder_logits"])  # the user's prompts keep the last word
+    assert torch.equal(refine["mask_prompts"], auto["mask_prompts"])  # the learned prompt, before the user's edits
+    # a boxed class gets the decoder's output; the clicked one the mean with the edited mask prompt
+    assert torch.equal(refine["logits"][0, 0], refine["decoder_logits"][0, 0])
+    fused = (refine["decoder_logits"][0, 1] + auto["mask_prompts"][0, 1]) / 2
+    inside = (refine["decoder_logits"][0, 1] - MASK_PROMPT_LOGIT) / 2
+    m = fused.shape[-1]  # the mask prompt has m cells over 64 input pixels
+    assert torch.allclose(refine["logits"][0, 1, 20 * m // 64, 50 * m // 64], inside[20 * m // 64, 50 * m // 64])
+    assert torch.allclose(refine["logits"][0, 1, 0, 0], fused[0, 0])
     # the loss trains the decoder's own output, not the fusion
     target = {"masks": (torch.rand(1, 2, 64, 64) > 0.5).float(), "boxes": torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2]),
               "present": torch.ones(1, 2)}
     loss = Sam2RadLoss(image_size=64)
     assert torch.equal(loss.terms(auto, target)["mask"],
                        loss.terms({**auto, "logits": auto["decoder_logits"]}, target)["mask"])
+
+
+def test_refine_edits_of_the_learned_prompts():
+    """A user box replaces the learned box and clears the mask prompt outside it; clicks paint discs, later over
+    earlier; a user mask replaces the learned one."""
+    model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), 1, click_radius=1 / 8)
+    sparse = torch.randn(2, 2 + 3, 256)
+    learned = torch.zeros(2, 16, 16)  # m = 16 cells of 4 input pixels
+    prompts = Prompts(boxes=torch.tensor([[[8.0, 8.0, 23.0, 31.0]], [[0.0, 0.0, 63.0, 63.0]]]),
+                      box_valid=torch.tensor([[True], [False]]),
+                      points=torch.tensor([[[[40.0, 40.0], [0.0, 0.0]]], [[[18.0, 18.0], [22.0, 18.0]]]]),
+                      point_labels=torch.tensor([[[1, -1]], [[1, 0]]]))
+    with torch.no_grad():
+        tokens, mask, boxed = model._edit_learned_prompts(prompts, 2, sparse, learned)
+    assert boxed.tolist() == [True, False]
+    # the learned box's tokens, the learned tokens, the user box's, the points'
+    assert tokens.shape == (2, 2 + 3 + 2 + 2, 256)
+    pad = model.backbone.not_a_point()
+    assert torch.equal(tokens[0, :2], pad.expand(2, -1)) and torch.equal(tokens[0, 2:5], sparse[0, 2:])
+    assert torch.allclose(tokens[0, 5:7], model.backbone.embed_boxes(prompts.boxes[0])[0], atol=1e-5)
+    assert torch.equal(tokens[1, :5], sparse[1]) and torch.equal(tokens[1, 5:7], pad.expand(2, -1))
+    # row 0: inside the box (x 8..24, y 8..32 in pixel edges: cells 2..5 x 2..7) untouched, outside cleared,
+    # the positive click (radius 8 px = 2 cells) painted at cell (10, 10) even outside the box
+    expected = torch.full((16, 16), -MASK_PROMPT_LOGIT)
+    expected[2:8, 2:6] = 0.0
+    assert torch.equal(mask[0, 2:8, 2:6], expected[2:8, 2:6]) and mask[0, 0, 0] == -MASK_PROMPT_LOGIT
+    assert mask[0, 10, 10] == MASK_PROMPT_LOGIT and mask[0, 10, 13] == -MASK_PROMPT_LOGIT
+    # row 1: the negative click at (22, 18) wins where the two discs overlap; the padding point paints nothing
+    assert mask[1, 4, 2] == MASK_PROMPT_LOGIT and mask[1, 4, 4] == -MASK_PROMPT_LOGIT == mask[1, 4, 7]
+    assert mask[1, 12, 12] == 0.0
+
+    user = torch.full((1, 2, 16, 16), 3.0)
+    with torch.no_grad():
+        _, mask, _ = model._edit_learned_prompts(Prompts(masks=user, mask_valid=torch.tensor([[False, True]])), 2,
+                                                 sparse, learned)
+    assert torch.equal(mask[0], learned[0]) and torch.equal(mask[1], user[0, 1])
