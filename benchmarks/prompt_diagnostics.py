@@ -77,7 +77,8 @@ def main() -> None:
                 if item["present"][c] < 0.5:
                     continue
                 true = item["masks"][c].numpy() > 0.5
-                true_box = (item["boxes"][c].float() + torch.tensor([0.0, 0.0, 1.0, 1.0])).tolist()
+                gt_box = item["boxes"][c].float().tolist()  # inclusive corner indices, as a user's box
+                true_box = (item["boxes"][c].float() + torch.tensor([0.0, 0.0, 1.0, 1.0])).tolist()  # pixel edges
                 learned_box = (out["boxes"][0, c] * size).tolist()
                 region_box = (region_boxes(out["mask_prompts"][0, c][None] > 0)[0] * size).tolist()
                 add("objectness", c, float(out["objectness"][0, c].sigmoid()))
@@ -87,8 +88,8 @@ def main() -> None:
                 add("lp_decoder_only", c, dice(out["decoder_logits"][0, c].numpy() > 0, true))
                 add("learned_box_only", c, dice(decode(learned_box, c, False), true))
                 add("region_box_only", c, dice(decode(region_box, c, False), true))
-                add("gt_box_plus_lp", c, dice(decode(true_box, c, True), true))
-                add("gt_box_only", c, dice(decode(true_box, c, False), true))
+                add("gt_box_plus_lp", c, dice(decode(gt_box, c, True), true))
+                add("gt_box_only", c, dice(decode(gt_box, c, False), true))
 
     summary = {key: {name: round(float(np.mean(v[c])), 4) for c, name in enumerate(CLASSES)}
                for key, v in scores.items()}

@@ -40,7 +40,7 @@ class Prediction:
     masks: np.ndarray  # (C, H, W) bool, per class before overlap resolution
     objectness: np.ndarray | None  # (C,) logits (None in manual mode)
     iou: np.ndarray  # (C,) SAM's IoU estimate
-    logits: np.ndarray = field(repr=False, default=None)  # (C, m, m) decoder logits (for iterative refinement)
+    logits: np.ndarray = field(repr=False, default=None)  # (C, m, m) the output logits (fused, see Sam2Rad)
 
 
 class Sam2RadPredictor:

@@ -91,7 +91,7 @@ class Sam2Rad(nn.Module):
         box_source: ``"mask"`` (default) reads the learned box off the mask prompt, ``"query"`` regresses it from
             the box tokens (see :class:`~sam2rad_monai.ppn.PromptPredictor`).
         fuse_mask_prompt: output the mean of the decoder's and the mask prompt's logits (two heads trained on the
-            same target, each by its own loss term) instead of the decoder's alone (default): on the usgra validation
+            same target, each by its own loss term) instead of the decoder's alone (default on): on the usgra validation
             split the frozen decoder, prompted with a learned box, lost detail the mask prompt had. In refine mode the
             mask prompt carries the user's edits (see ``click_radius``), and a class the user boxed gets the
             decoder's output alone, which follows a true box better than the mean does. Manual mode is always the
@@ -226,45 +226,49 @@ class Sam2Rad(nn.Module):
         """Refine mode: the user's prompts edit the learned ones, row by row.
 
         A user mask replaces the learned mask prompt. A user box replaces the learned box (SAM reads one box; the
-        learned one's tokens become padding, the user's join at the end, as in training) and clears the mask prompt
-        outside it. Each click joins the sparse tokens as a point and paints a disc of
-        radius ``click_radius`` (positive or negative, later clicks over earlier ones) into the mask prompt, which
-        the frozen decoder follows far more than a point token. Returns the sparse tokens, the mask prompt and
-        which rows hold a user box.
+        learned one's tokens become padding and the user's take a slot after the learned tokens, padding in rows
+        without a box) and clears the mask prompt outside it. Each click joins the sparse tokens as a point and
+        paints a disc of radius ``click_radius`` (positive or negative, later clicks over earlier ones) into the mask
+        prompt, which the frozen decoder follows far more than a point token. Returns the sparse tokens, the mask
+        prompt and which rows hold a user box.
         """
         bb = self.backbone
-        m = mask_prompt.shape[-1]
-        # input-pixel coordinates of the mask-prompt cells' centres
-        centres = (torch.arange(m, device=mask_prompt.device, dtype=mask_prompt.dtype) + 0.5) * bb.image_size / m
+        m, device = mask_prompt.shape[-1], mask_prompt.device
+        # geometry in float32 whatever the autocast dtype (bf16 cannot tell 129.5 from 130): input-pixel coordinates
+        # of the mask-prompt cells' centres
+        centres = (torch.arange(m, device=device, dtype=torch.float32) + 0.5) * bb.image_size / m
         negative = torch.full_like(mask_prompt, -MASK_PROMPT_LOGIT)
         if prompts.masks is not None:
-            valid = _row_flags(prompts.mask_valid, rows, mask_prompt.device)
+            valid = _row_flags(prompts.mask_valid, rows, device)
             user = prompts.masks.reshape(rows, m, m).to(mask_prompt.dtype)
             mask_prompt = torch.where(valid.reshape(-1, 1, 1), user, mask_prompt)
-        boxed = torch.zeros(rows, dtype=torch.bool, device=mask_prompt.device)
-        if prompts.boxes is not None:
-            boxed = _row_flags(prompts.box_valid, rows, mask_prompt.device)
-            boxes = prompts.boxes.reshape(rows, 4).to(mask_prompt.dtype)
-            pad = bb.not_a_point().expand(rows, 2, -1)
-            learned_box = torch.where(boxed.reshape(-1, 1, 1), pad, sparse[:, :2])
-            user_box = torch.where(boxed.reshape(-1, 1, 1), bb.embed_boxes(boxes), pad)
-            sparse = torch.cat([learned_box, sparse[:, 2:], user_box], dim=1)
-            # inclusive corner indices: the box covers pixel edges x1 .. x2 + 1
-            inside_x = (centres >= boxes[:, 0:1]) & (centres <= boxes[:, 2:3] + 1)
-            inside_y = (centres >= boxes[:, 1:2]) & (centres <= boxes[:, 3:4] + 1)
-            outside = ~(inside_y[:, :, None] & inside_x[:, None, :])
-            mask_prompt = torch.where(boxed.reshape(-1, 1, 1) & outside, negative, mask_prompt)
+        # every refine row has a user-box slot (padding where there is no box), so a row's tokens do not depend on
+        # the other rows of its batch and match the prompt mix of training, which always passes boxes
+        boxed = _row_flags(prompts.box_valid, rows, device) if prompts.boxes is not None else \
+            torch.zeros(rows, dtype=torch.bool, device=device)
+        boxes = prompts.boxes.reshape(rows, 4).float() if prompts.boxes is not None else \
+            torch.zeros(rows, 4, device=device)
+        pad = bb.not_a_point().expand(rows, 2, -1)
+        learned_box = torch.where(boxed.reshape(-1, 1, 1), pad, sparse[:, :2])
+        user_box = torch.where(boxed.reshape(-1, 1, 1), bb.embed_boxes(boxes), pad)
+        sparse = torch.cat([learned_box, sparse[:, 2:], user_box], dim=1)
+        # inclusive corner indices: the box covers pixel edges x1 .. x2 + 1
+        inside_x = (centres >= boxes[:, 0:1]) & (centres <= boxes[:, 2:3] + 1)
+        inside_y = (centres >= boxes[:, 1:2]) & (centres <= boxes[:, 3:4] + 1)
+        outside = ~(inside_y[:, :, None] & inside_x[:, None, :])
+        mask_prompt = torch.where(boxed.reshape(-1, 1, 1) & outside, negative, mask_prompt)
         if prompts.points is not None:
-            coords = prompts.points.reshape(rows, -1, 2).to(mask_prompt.dtype)
+            coords = prompts.points.reshape(rows, -1, 2).float()
             labels = prompts.point_labels.reshape(rows, -1)
             sparse = torch.cat([sparse, bb.embed_points(coords, labels, pad=False)], dim=1)
             radius = self.click_radius * bb.image_size
+            centre = coords + 0.5  # a click is a pixel index; the disc is centred on that pixel's centre
             for j in range(coords.shape[1]):
-                dx = centres[None, None, :] - coords[:, j, 0, None, None]
-                dy = centres[None, :, None] - coords[:, j, 1, None, None]
+                dx = centres[None, None, :] - centre[:, j, 0, None, None]
+                dy = centres[None, :, None] - centre[:, j, 1, None, None]
                 disc = (dx ** 2 + dy ** 2 <= radius ** 2) & (labels[:, j] >= 0).reshape(-1, 1, 1)
-                value = torch.where(labels[:, j] == 1, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).to(mask_prompt.dtype)
-                mask_prompt = torch.where(disc, value.reshape(-1, 1, 1), mask_prompt)
+                value = torch.where(labels[:, j] == 1, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT)
+                mask_prompt = torch.where(disc, value.reshape(-1, 1, 1).to(mask_prompt.dtype), mask_prompt)
         return sparse, mask_prompt, boxed
 
     def _user_prompts(self, prompts: Prompts, rows: int) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from sam2rad_monai.backbones import build_backbone
 from sam2rad_monai.losses import Sam2RadLoss
-from sam2rad_monai.model import MASK_PROMPT_LOGIT, Prompts, Sam2Rad
+from sam2rad_monai.model import MASK_PROMPT_LOGIT, Mode, Prompts, Sam2Rad
 
 
 def _targets(batch: int, size: int, present: list[list[float]]) -> dict[str, torch.Tensor]:
@@ -140,36 +140,67 @@ def test_fused_output_and_refine_edits():
 
 
 def test_refine_edits_of_the_learned_prompts():
-    """A user box replaces the learned box and clears the mask prompt outside it; clicks paint discs, later over
-    earlier; a user mask replaces the learned one."""
+    """A user box replaces the learned box and clears the mask prompt outside it; clicks paint discs centred on the
+    clicked pixel, later over earlier, padding points nothing; a user mask replaces the learned one."""
     model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), 1, click_radius=1 / 8)
     sparse = torch.randn(2, 2 + 3, 256)
-    learned = torch.zeros(2, 16, 16)  # m = 16 cells of 4 input pixels
-    prompts = Prompts(boxes=torch.tensor([[[8.0, 8.0, 23.0, 31.0]], [[0.0, 0.0, 63.0, 63.0]]]),
+    learned = torch.zeros(2, 16, 16)  # m = 16 cells of 4 input pixels, centres at 2, 6, 10, ...; disc radius 8 px
+    prompts = Prompts(boxes=torch.tensor([[[8.0, 8.0, 21.0, 31.0]], [[0.0, 0.0, 63.0, 63.0]]]),
                       box_valid=torch.tensor([[True], [False]]),
-                      points=torch.tensor([[[[40.0, 40.0], [0.0, 0.0]]], [[[18.0, 18.0], [22.0, 18.0]]]]),
-                      point_labels=torch.tensor([[[1, -1]], [[1, 0]]]))
+                      points=torch.tensor([[[[40.0, 40.0], [12.0, 12.0], [0.0, 0.0]]],
+                                           [[[18.0, 18.0], [22.0, 18.0], [50.0, 50.0]]]]),
+                      point_labels=torch.tensor([[[1, -1, -1]], [[1, 0, -1]]]))
     with torch.no_grad():
         tokens, mask, boxed = model._edit_learned_prompts(prompts, 2, sparse, learned)
     assert boxed.tolist() == [True, False]
     # the learned box's tokens, the learned tokens, the user box's, the points'
-    assert tokens.shape == (2, 2 + 3 + 2 + 2, 256)
+    assert tokens.shape == (2, 2 + 3 + 2 + 3, 256)
     pad = model.backbone.not_a_point()
     assert torch.equal(tokens[0, :2], pad.expand(2, -1)) and torch.equal(tokens[0, 2:5], sparse[0, 2:])
     assert torch.allclose(tokens[0, 5:7], model.backbone.embed_boxes(prompts.boxes[0])[0], atol=1e-5)
     assert torch.equal(tokens[1, :5], sparse[1]) and torch.equal(tokens[1, 5:7], pad.expand(2, -1))
-    # row 0: inside the box (x 8..24, y 8..32 in pixel edges: cells 2..5 x 2..7) untouched, outside cleared,
-    # the positive click (radius 8 px = 2 cells) painted at cell (10, 10) even outside the box
+
+    # row 0: the box spans pixel edges x 8..22, y 8..32: cells x 2..5 (centre 22 only thanks to the inclusive
+    # corner), y 2..7; everything else is cleared, then the positive click at pixel (40, 40), centre (40.5, 40.5),
+    # paints every cell whose centre lies within 8 px; the padding point at (12, 12), inside the box, paints nothing
     expected = torch.full((16, 16), -MASK_PROMPT_LOGIT)
     expected[2:8, 2:6] = 0.0
-    assert torch.equal(mask[0, 2:8, 2:6], expected[2:8, 2:6]) and mask[0, 0, 0] == -MASK_PROMPT_LOGIT
-    assert mask[0, 10, 10] == MASK_PROMPT_LOGIT and mask[0, 10, 13] == -MASK_PROMPT_LOGIT
-    # row 1: the negative click at (22, 18) wins where the two discs overlap; the padding point paints nothing
-    assert mask[1, 4, 2] == MASK_PROMPT_LOGIT and mask[1, 4, 4] == -MASK_PROMPT_LOGIT == mask[1, 4, 7]
-    assert mask[1, 12, 12] == 0.0
+    for i in range(16):
+        for j in range(16):
+            if (4 * j + 2 - 40.5) ** 2 + (4 * i + 2 - 40.5) ** 2 <= 64:
+                expected[i, j] = MASK_PROMPT_LOGIT
+    assert torch.equal(mask[0], expected)
+    assert mask[0, 10, 10] == mask[0, 8, 10] == MASK_PROMPT_LOGIT and mask[0, 8, 8] == -MASK_PROMPT_LOGIT
+    # row 1, no box: the negative click at (22, 18) wins where the two discs overlap; the padding point paints nothing
+    assert mask[1, 4, 3] == MASK_PROMPT_LOGIT and mask[1, 4, 4] == -MASK_PROMPT_LOGIT == mask[1, 4, 7]
+    assert mask[1, 4, 8] == 0.0 and mask[1, 12, 12] == 0.0
 
     user = torch.full((1, 2, 16, 16), 3.0)
     with torch.no_grad():
-        _, mask, _ = model._edit_learned_prompts(Prompts(masks=user, mask_valid=torch.tensor([[False, True]])), 2,
-                                                 sparse, learned)
+        tokens, mask, boxed = model._edit_learned_prompts(Prompts(masks=user, mask_valid=torch.tensor([[False, True]])),
+                                                          2, sparse, learned)
     assert torch.equal(mask[0], learned[0]) and torch.equal(mask[1], user[0, 1])
+    assert not boxed.any() and torch.equal(tokens[:, 5:7], pad.expand(2, 2, -1))  # the box slot is always there
+
+
+def test_refine_batch_mixing_boxes_and_clicks_trains_the_ppn():
+    """The training prompt mix: in one batch, boxed rows output the decoder's logits, clicked rows the fused mean,
+    and the loss reaches the PPN through both."""
+    torch.manual_seed(0)
+    model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), 2).train()
+    features = {k: v.detach() for k, v in model.encode(torch.randn(2, 3, 64, 64)).items()}
+    box_valid = torch.tensor([[True, False], [False, False]])
+    labels = torch.tensor([[[-1]], [[1]]]).expand(2, 2, 1).clone()
+    labels[0] = -1  # image 0: class 0 boxed, class 1 learned prompts only; image 1: a click on each class
+    prompts = Prompts(boxes=torch.tensor([[[4.0, 4.0, 40.0, 40.0]] * 2] * 2), box_valid=box_valid,
+                      points=torch.full((2, 2, 1, 2), 30.0), point_labels=labels)
+    out = model(features, prompts, Mode.REFINE)
+    assert torch.equal(out["logits"][0, 0], out["decoder_logits"][0, 0])
+    for b, c in ((0, 1), (1, 0), (1, 1)):
+        assert not torch.allclose(out["logits"][b, c], out["decoder_logits"][b, c])
+    masks = torch.zeros(2, 2, 64, 64)
+    masks[..., 8:40, 8:40] = 1
+    target = {"masks": masks, "boxes": torch.tensor([[[8.0, 8.0, 39.0, 39.0]] * 2] * 2), "present": torch.ones(2, 2)}
+    Sam2RadLoss(image_size=64)(out, target).backward()
+    grads = [p.grad for p in model.ppn.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -70,11 +70,12 @@ class Sam2RadInferer(Inferer):
 class PromptMixInferer(Sam2RadInferer):
     """Training forward pass with a per-row prompt mix, so refine mode is trained and not only allowed.
 
-    Each (image, class) row with the class present independently draws: learned prompts alone (the rest), plus a
-    ground-truth box jittered by up to ``box_jitter`` of its size on each side (``box_prob``), or plus 1 to
-    ``max_clicks`` corrective clicks (``click_prob``). Clicks are drawn one at a time from the error of the model's
-    current prediction with the clicks so far (no-gradient passes over only the images that need them), then the
-    final pass runs with gradients. Needs batches from :func:`prepare_training_batch` (the targets ride along).
+    Each (image, class) row with the class present independently draws: learned prompts alone (the rest), edited by
+    a ground-truth box jittered by up to ``box_jitter`` of its size on each side (``box_prob``), or by 1 to
+    ``max_clicks`` corrective clicks (``click_prob``; how refine mode applies them:
+    :class:`~sam2rad_monai.model.Sam2Rad`). Clicks are drawn one at a time from the error of the model's current
+    prediction with the clicks so far (no-gradient passes over only the images that need them), then the final pass
+    runs with gradients. Needs batches from :func:`prepare_training_batch` (the targets ride along).
 
     Args:
         box_prob, click_prob: probabilities of the two prompted row kinds.
