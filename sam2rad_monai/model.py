@@ -237,17 +237,16 @@ class Sam2Rad(nn.Module):
         # geometry in float32 whatever the autocast dtype (bf16 cannot tell 129.5 from 130): input-pixel coordinates
         # of the mask-prompt cells' centres
         centres = (torch.arange(m, device=device, dtype=torch.float32) + 0.5) * bb.image_size / m
-        negative = torch.full_like(mask_prompt, -MASK_PROMPT_LOGIT)
         if prompts.masks is not None:
             valid = _row_flags(prompts.mask_valid, rows, device)
             user = prompts.masks.reshape(rows, m, m).to(mask_prompt.dtype)
             mask_prompt = torch.where(valid.reshape(-1, 1, 1), user, mask_prompt)
         # every refine row has a user-box slot (padding where there is no box), so a row's tokens do not depend on
         # the other rows of its batch and match the prompt mix of training, which always passes boxes
-        boxed = _row_flags(prompts.box_valid, rows, device) if prompts.boxes is not None else \
-            torch.zeros(rows, dtype=torch.bool, device=device)
-        boxes = prompts.boxes.reshape(rows, 4).float() if prompts.boxes is not None else \
-            torch.zeros(rows, 4, device=device)
+        if prompts.boxes is None:
+            boxed, boxes = torch.zeros(rows, dtype=torch.bool, device=device), torch.zeros(rows, 4, device=device)
+        else:
+            boxed, boxes = _row_flags(prompts.box_valid, rows, device), prompts.boxes.reshape(rows, 4).float()
         pad = bb.not_a_point().expand(rows, 2, -1)
         learned_box = torch.where(boxed.reshape(-1, 1, 1), pad, sparse[:, :2])
         user_box = torch.where(boxed.reshape(-1, 1, 1), bb.embed_boxes(boxes), pad)
@@ -256,7 +255,7 @@ class Sam2Rad(nn.Module):
         inside_x = (centres >= boxes[:, 0:1]) & (centres <= boxes[:, 2:3] + 1)
         inside_y = (centres >= boxes[:, 1:2]) & (centres <= boxes[:, 3:4] + 1)
         outside = ~(inside_y[:, :, None] & inside_x[:, None, :])
-        mask_prompt = torch.where(boxed.reshape(-1, 1, 1) & outside, negative, mask_prompt)
+        mask_prompt = torch.where(boxed.reshape(-1, 1, 1) & outside, -MASK_PROMPT_LOGIT, mask_prompt)
         if prompts.points is not None:
             coords = prompts.points.reshape(rows, -1, 2).float()
             labels = prompts.point_labels.reshape(rows, -1)
@@ -267,8 +266,8 @@ class Sam2Rad(nn.Module):
                 dx = centres[None, None, :] - centre[:, j, 0, None, None]
                 dy = centres[None, :, None] - centre[:, j, 1, None, None]
                 disc = (dx ** 2 + dy ** 2 <= radius ** 2) & (labels[:, j] >= 0).reshape(-1, 1, 1)
-                value = torch.where(labels[:, j] == 1, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT)
-                mask_prompt = torch.where(disc, value.reshape(-1, 1, 1).to(mask_prompt.dtype), mask_prompt)
+                value = torch.where(labels[:, j] == 1, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).to(mask_prompt.dtype)
+                mask_prompt = torch.where(disc, value.reshape(-1, 1, 1), mask_prompt)
         return sparse, mask_prompt, boxed
 
     def _user_prompts(self, prompts: Prompts, rows: int) -> tuple[Tensor, Tensor]:
@@ -282,19 +281,15 @@ class Sam2Rad(nn.Module):
             parts.append(bb.embed_points(coords, labels, pad=prompts.boxes is None))
         if prompts.boxes is not None:
             tokens = bb.embed_boxes(prompts.boxes.reshape(rows, 4).float())
-            if prompts.box_valid is not None:
-                # rows without a box get SAM's padding token, so every row has the same token count
-                keep = prompts.box_valid.reshape(rows, 1, 1)
-                tokens = torch.where(keep, tokens, bb.not_a_point().expand_as(tokens))
-            parts.append(tokens)
+            # rows without a box get SAM's padding token, so every row has the same token count
+            keep = _row_flags(prompts.box_valid, rows, tokens.device).reshape(rows, 1, 1)
+            parts.append(torch.where(keep, tokens, bb.not_a_point().expand_as(tokens)))
         sparse = torch.cat(parts, dim=1) if parts else bb.embed_boxes(torch.zeros(rows, 4))[:, :0]
 
         dense = bb.no_mask_dense(rows)
         if prompts.masks is not None:
             user = bb.embed_masks(prompts.masks.reshape(rows, 1, *prompts.masks.shape[-2:]).float())
-            if prompts.mask_valid is not None:
-                user = torch.where(prompts.mask_valid.reshape(rows, 1, 1, 1), user, dense)
-            dense = user
+            dense = torch.where(_row_flags(prompts.mask_valid, rows, user.device).reshape(rows, 1, 1, 1), user, dense)
         return sparse, dense
 
 
