@@ -45,7 +45,9 @@ class Sam2RadLoss(nn.Module):
     def terms(self, pred: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each weighted term of the loss separately (for logging)."""
         present = target["present"].flatten() > 0.5
-        logits = pred.get("decoder_logits", pred["logits"]).flatten(0, 1)
+        # without a decoder pass (a dense PPN's cheap step) the output is the mask prompt, trained by its own terms
+        final = pred.get("decoder_logits", None if "mask_prompts" in pred else pred["logits"])
+        logits = (final if final is not None else pred["mask_prompts"]).flatten(0, 1)
         masks = target["masks"].flatten(0, 1).unsqueeze(1).float()
         if masks.shape[-1] != logits.shape[-1]:
             masks = F.interpolate(masks, size=logits.shape[-2:], mode="area")
@@ -54,8 +56,9 @@ class Sam2RadLoss(nn.Module):
         terms = {"objectness": self.objectness_weight * F.binary_cross_entropy_with_logits(
             pred["objectness"].flatten(), target["present"].flatten().float())}
         if present.any():
-            terms["mask"] = self.mask_weight * self._focal(logits[present], masks[present])
-            if self.dice_weight:
+            terms["mask"] = self.mask_weight * self._focal(logits[present], masks[present]) if final is not None \
+                else zero
+            if self.dice_weight and final is not None:
                 terms["dice"] = self.dice_weight * self.dice(logits[present, None], masks[present, None])
             if "mask_prompts" in pred:
                 prompts = pred["mask_prompts"].flatten(0, 1)[present]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, Features
-from .ppn import PromptPredictor
+from .ppn import DensePromptPredictor, PromptPredictor
 
 MASK_PROMPT_LOGIT = 10.0  # logit magnitude a user mask, box or click writes into the mask prompt
 
@@ -96,6 +96,9 @@ class Sam2Rad(nn.Module):
             mask prompt carries the user's edits (see ``click_radius``), and a class the user boxed gets the
             decoder's output alone, which follows a true box better than the mean does. Manual mode is always the
             decoder's. Measurements: docs/BENCHMARKS.md.
+        ppn: ``"attention"`` (default): the paper's PPN (learned queries, two-way attention, free prompt tokens);
+            ``"dense"``: :class:`~sam2rad_monai.ppn.DensePromptPredictor`, a convolutional head that needs no
+            decoder pass to train (``forward(..., decode=False)``), for few labels and CPU budgets.
         click_radius: radius of the disc a refine-mode click paints into the mask prompt, as a fraction of the input
             side (1/16 was the best of 1/32 to 1/8 in the click benchmark on the usgra validation split).
     """
@@ -103,18 +106,33 @@ class Sam2Rad(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
                  num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
                  lora_rank: int = 0, box_source: str = "mask", fuse_mask_prompt: bool = True,
-                 click_radius: float = 1 / 16) -> None:
+                 click_radius: float = 1 / 16, ppn: str = "attention") -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.fuse_mask_prompt = fuse_mask_prompt
         self.click_radius = click_radius
-        self.ppn = PromptPredictor(num_classes, num_tokens, backbone.level_channels, backbone.mask_prompt_size,
-                                   depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                   mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
+        self._ppn_kwargs = dict(num_tokens=num_tokens, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
+        self.ppn: PromptPredictor | DensePromptPredictor
+        self._build_ppn(ppn)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             add_lora(backbone.mask_decoder, lora_rank)
+
+    def _build_ppn(self, kind: str) -> None:
+        if kind not in ("attention", "dense"):
+            raise ValueError(f"ppn must be 'attention' or 'dense', got {kind!r}")
+        bb, kw = self.backbone, self._ppn_kwargs
+        if kind == "dense":
+            ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"])
+        else:
+            ppn = PromptPredictor(self.num_classes, kw["num_tokens"], bb.level_channels, bb.mask_prompt_size,
+                                  depth=kw["depth"], num_heads=kw["num_heads"], mlp_dim=kw["mlp_dim"],
+                                  mask_head_channels=kw["mask_head_channels"], dropout=kw["dropout"],
+                                  box_source=kw["box_source"])
+        device = next(bb.parameters()).device
+        self.ppn, self.ppn_kind = ppn.to(device), kind
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.backbone.named_parameters() if "lora_" in n]
@@ -138,48 +156,59 @@ class Sam2Rad(nn.Module):
     def load_ppn_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load a checkpoint written by :meth:`ppn_state_dict`; every PPN / LoRA key must be present.
 
-        A model built without LoRA takes the checkpoint's LoRA rank (a decoder update is part of the trained model,
-        so configs need not repeat it); any other difference is an error.
+        A model takes the checkpoint's PPN kind (``ppn``), and a model built without LoRA its LoRA rank (both are
+        part of the trained model, so configs need not repeat them); any other difference is an error.
         """
+        kind = "dense" if "ppn.prototypes" in state else "attention"
+        previous = (self.ppn, self.ppn_kind)
+        if kind != self.ppn_kind:
+            self._build_ppn(kind)
         rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
         # adopt the rank only for a checkpoint that otherwise matches, so a refused one leaves the model as it was
         if rank and self.lora_rank == 0 and {k for k in state if "lora_" not in k} == set(self.ppn_state_dict()):
             add_lora(self.backbone.mask_decoder, rank)
             self.lora_rank = rank
-        expected = set(self.ppn_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
+        own = self.ppn_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or resized:
+            self.ppn, self.ppn_kind = previous
             raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]} (check num_classes, num_tokens, lora_rank and box_source)")
+                           f"unexpected {unexpected[:3]}, other shape {resized[:3]} "
+                           "(check num_classes, num_tokens, lora_rank and box_source)")
         self.load_state_dict(state, strict=False)
 
     def encode(self, images: Tensor) -> Features:
         return self.backbone.encode(images)
 
     def forward(self, inputs: Tensor | Features, prompts: Prompts | None = None,
-                mode: Mode | str = Mode.AUTONOMOUS) -> dict[str, Tensor]:
+                mode: Mode | str = Mode.AUTONOMOUS, decode: bool = True) -> dict[str, Tensor]:
         """Segment every class.
 
         Args:
             inputs: images (B, 3, S, S), normalised and padded, or features from ``backbone.encode``.
             prompts: user prompts (refine and manual modes).
             mode: ``autonomous``, ``refine`` or ``manual``.
+            decode: ``False`` (autonomous mode only) skips the mask decoder: ``logits`` are the learned mask
+                prompts and there is no ``decoder_logits`` / ``iou`` (the cheap training step of a dense PPN).
 
         Returns:
             dict with, per image and class: ``logits`` (B, C, m, m) mask logits at the decoder's resolution
-            (m = 4 x embedding grid; fused with the mask prompt, see ``fuse_mask_prompt``), ``decoder_logits`` the
-            decoder's own (what the loss trains), ``iou`` (B, C) SAM's IoU estimate; and, unless manual:
+            (m = 4 x embedding grid; fused with the mask prompt, see ``fuse_mask_prompt``; a dense PPN's mask prompt
+            in autonomous mode, with no decoder pass; with a user box, whichever of the refined and the plain box
+            output SAM rates higher), ``decoder_logits`` the decoder's own (what the loss trains), ``iou`` (B, C)
+            SAM's IoU estimate (a dense PPN in autonomous mode: the presence probability); and, unless manual:
             ``boxes`` (B, C, 4) the learned normalised xyxy box, ``box_fit`` (B, C, 4) the differentiable box the
             loss trains, ``mask_prompts`` (B, C, m, m) the learned mask-prompt logits (before any user edit),
             ``objectness`` (B, C) logits.
         """
         mode = Mode(mode)
+        if not decode and mode is not Mode.AUTONOMOUS:
+            raise ValueError("decode=False is for autonomous mode only")
         prompts = prompts or Prompts()
         if mode is not Mode.AUTONOMOUS and prompts.is_empty():
             raise ValueError(f"{mode.value} mode needs user prompts (boxes, points or masks)")
-        for module in self.backbone.mask_decoder.modules():
-            if isinstance(module, LoRALinear):
-                module.enabled = mode is not Mode.MANUAL
+        self._set_lora(mode is not Mode.MANUAL)
         features = inputs if isinstance(inputs, dict) else self.backbone.encode(inputs)
         features = {k: v.float() for k, v in features.items()}  # cached features are stored in fp16
         batch, classes = features["embed"].shape[0], self.num_classes
@@ -194,18 +223,54 @@ class Sam2Rad(nn.Module):
             boxed = torch.zeros(rows, dtype=torch.bool, device=sparse.device)
             if mode is Mode.REFINE:
                 sparse, mask_prompt, boxed = self._edit_learned_prompts(prompts, rows, sparse, mask_prompt)
-            dense = self.backbone.embed_masks(mask_prompt[:, None])
             out.update({k: v.reshape(batch, classes, *v.shape[1:]) for k, v in learned.items()})
+            if mode is Mode.AUTONOMOUS and (not decode or self.ppn_kind == "dense"):
+                # a dense PPN's mask prompt is its output (it scored above the decoder it prompts on validation)
+                out["logits"] = out["mask_prompts"]
+                out["iou"] = out["objectness"].sigmoid()  # no decoder pass: the presence probability stands in
+                return out
+            dense = self.backbone.embed_masks(mask_prompt[:, None])
 
         row_features = {k: v.repeat_interleave(classes, dim=0) for k, v in features.items()}
         logits, iou = self.backbone.decode(row_features, sparse, dense)
+        logits, iou = logits[:, 0], iou[:, 0]
         out["decoder_logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
-        out["logits"] = out["decoder_logits"]
-        if mode is not Mode.MANUAL and self.fuse_mask_prompt:
-            fused = (logits[:, 0] + mask_prompt) / 2
-            out["logits"] = torch.where(boxed.reshape(-1, 1, 1), logits[:, 0], fused).reshape_as(out["logits"])
+        output = logits
+        if mode is not Mode.MANUAL:
+            if self.fuse_mask_prompt:
+                output = torch.where(boxed.reshape(-1, 1, 1), logits, (logits + mask_prompt) / 2)
+            if self.ppn_kind == "dense":  # rows the user left alone keep the autonomous output
+                untouched = ~(boxed | _user_rows(prompts, rows, mask_prompt.device))
+                output = torch.where(untouched.reshape(-1, 1, 1), learned["mask_prompts"], output)
+            if mode is Mode.REFINE and boxed.any() and not self.training:
+                output, iou = self._defer_to_box(prompts, row_features, boxed, output, iou)
+        out["logits"] = output.reshape(batch, classes, *output.shape[-2:])
         out["iou"] = iou.reshape(batch, classes)
         return out
+
+    def _defer_to_box(self, prompts: Prompts, row_features: Features, boxed: Tensor, output: Tensor, iou: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """Refine rows with a user box: keep the refined output only where SAM's own IoU estimate rates it above the
+        plain box-prompted decoder's (manual mode on the same box), so learned prompts never override a good box."""
+        rows = boxed.nonzero().flatten()
+        enabled = [m.enabled for m in self.backbone.mask_decoder.modules() if isinstance(m, LoRALinear)]
+        self._set_lora(False)
+        try:
+            sparse = self.backbone.embed_boxes(prompts.boxes.reshape(-1, 4).float()[rows])
+            plain, plain_iou = self.backbone.decode({k: v[rows] for k, v in row_features.items()}, sparse,
+                                                    self.backbone.no_mask_dense(len(rows)))
+        finally:
+            self._set_lora(bool(enabled) and enabled[0])
+        better = plain_iou[:, 0] > iou[rows]
+        output, iou = output.clone(), iou.clone()
+        output[rows] = torch.where(better.reshape(-1, 1, 1), plain[:, 0].to(output.dtype), output[rows])
+        iou[rows] = torch.where(better, plain_iou[:, 0].to(iou.dtype), iou[rows])
+        return output, iou
+
+    def _set_lora(self, enabled: bool) -> None:
+        for module in self.backbone.mask_decoder.modules():
+            if isinstance(module, LoRALinear):
+                module.enabled = enabled
 
     def _learned_prompts(self, features: Features) -> dict[str, Tensor]:
         bb = self.backbone
@@ -291,6 +356,16 @@ class Sam2Rad(nn.Module):
             user = bb.embed_masks(prompts.masks.reshape(rows, 1, *prompts.masks.shape[-2:]).float())
             dense = torch.where(_row_flags(prompts.mask_valid, rows, user.device).reshape(rows, 1, 1, 1), user, dense)
         return sparse, dense
+
+
+def _user_rows(prompts: Prompts, rows: int, device: torch.device) -> Tensor:
+    """Rows (R,) that carry a user click or mask (boxes are tracked by the refine edit itself)."""
+    flags = torch.zeros(rows, dtype=torch.bool, device=device)
+    if prompts.points is not None:
+        flags |= (prompts.point_labels.reshape(rows, -1) >= 0).any(dim=1).to(device)
+    if prompts.masks is not None:
+        flags |= _row_flags(prompts.mask_valid, rows, device)
+    return flags
 
 
 def _row_flags(valid: Tensor | None, rows: int, device: torch.device) -> Tensor:

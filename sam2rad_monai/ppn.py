@@ -7,6 +7,8 @@ logit saying whether the class is in the image at all.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,10 @@ from sam2.modeling.sam.transformer import TwoWayAttentionBlock
 from torch import Tensor, nn
 from torchvision.ops import MLP, masks_to_boxes
 
+# A dense PPN's mask of a class its objectness calls present keeps every pixel within this logit margin of the peak
+# (threshold min(0, peak - margin)): a structure seen with little confidence still gets its most likely region
+# instead of nothing; chosen on validation, docs/BENCHMARKS.md
+PEAK_MARGIN = 3.0
 # Chosen on the usgra validation split with the shipped model (lp Dice nerve / vessel: largest region only
 # 0.434 / 0.329, regions >= 0.25 of the largest 0.477 / 0.387, >= 0.1 0.485 / 0.367, every region 0.475 / 0.367)
 REGION_MIN_FRACTION = 0.25
@@ -138,6 +144,103 @@ class PromptPredictor(nn.Module):
             boxes = region_boxes(mask_prompts[:, 0].detach() > 0)
         objectness = self.objectness_head(queries.mean(dim=1)).squeeze(-1)
         return PPNOutput(tokens=queries[:, 2:], boxes=boxes, box_fit=box_fit, mask_prompts=mask_prompts,
+                         objectness=objectness)
+
+
+class DensePromptPredictor(nn.Module):
+    """A lean PPN for few labels: a dilated-convolution head on the frozen embedding predicts every class's mask
+    prompt in one pass; the box is read off it, and a pooled head gives the objectness.
+
+    Inputs per pixel: the (normalised) embedding, its cosine similarity to per-class and background prototypes of
+    the labelled frames (PerSAM / SurgicalSAM's training-free prior, :meth:`set_prototypes`; zero until set) and two
+    coordinate channels. It has no free prompt tokens, so it can be trained on cached embeddings alone with no
+    decoder pass (the cheap step), and its prompts are what a box-prompted SAM expects: a box and a mask prompt.
+    Only the coarsest feature level is read (SAM2's high-resolution levels serve the decoder).
+
+    Args:
+        num_classes: foreground classes.
+        level_channels: channels of the feature levels, coarse first (only the first is used).
+        mask_prompt_size: side of the mask prompt SAM's prompt encoder expects (4 x the embedding grid).
+        channels: width of the convolutional trunk.
+        dilations: one residual 3 x 3 block per entry, with that dilation (the receptive field spans the grid).
+        dropout: channel dropout in each block.
+    """
+
+    num_tokens = 2  # the box's two tokens only
+
+    def __init__(self, num_classes: int, level_channels: tuple[int, ...] = (256,), mask_prompt_size: int = 256,
+                 channels: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.mask_prompt_size = mask_prompt_size
+        embed = level_channels[0]
+        self.norm = LayerNorm2d(embed)
+        self.register_buffer("prototypes", torch.zeros(num_classes + 1, embed))
+        self.stem = nn.Sequential(nn.Conv2d(embed + num_classes + 1 + 2, channels, 1), nn.GroupNorm(8, channels),
+                                  nn.GELU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=d, dilation=d), nn.GroupNorm(8, channels),
+                          nn.GELU(), nn.Dropout2d(dropout))
+            for d in dilations
+        )
+        self.head = nn.Conv2d(channels, num_classes, 1)
+        # RetinaNet's prior (Lin et al. 2017): start every pixel at foreground probability 0.01, so the focal loss
+        # is not swamped by the background at the first steps (without it, training depended on the init seed)
+        nn.init.constant_(self.head.bias, -math.log(99.0))
+        self.objectness_head = nn.Linear(2 * channels, num_classes)
+
+    @torch.no_grad()
+    def set_prototypes(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """Per-class and background prototypes: the mean unit-norm embedding under each class's masks.
+
+        Args:
+            batches: pairs of frozen embeddings (N, D, h, w) of labelled frames and their binary class masks
+                (N, C, H, W) (area-resized to h x w); the background is where no class is.
+        """
+        sums, weight = 0.0, 0.0
+        for embeddings, masks in batches:
+            weights = F.interpolate(masks.float(), size=embeddings.shape[-2:], mode="area")
+            weights = torch.cat([(1.0 - weights.sum(1, keepdim=True)).clamp(min=0.0), weights], dim=1)
+            sums = sums + torch.einsum("nkhw,ndhw->kd", weights, F.normalize(embeddings.float(), dim=1))
+            weight = weight + weights.sum((0, 2, 3))
+        if isinstance(sums, float):
+            raise ValueError("set_prototypes needs at least one labelled frame")
+        self.prototypes.copy_(sums / weight[:, None].clamp(min=1e-6))
+
+    def inputs(self, embed: Tensor) -> Tensor:
+        """The trunk's input (B, D + C + 1 + 2, h, w): normalised embedding, prototype similarities, coordinates."""
+        batch, _, h, w = embed.shape
+        similarity = torch.einsum("bdhw,kd->bkhw", F.normalize(embed, dim=1), F.normalize(self.prototypes, dim=1))
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=embed.device),
+                                torch.linspace(-1, 1, w, device=embed.device), indexing="ij")
+        coords = torch.stack([xs, ys]).to(embed.dtype).expand(batch, -1, -1, -1)
+        return torch.cat([self.norm(embed), similarity.to(embed.dtype), coords], dim=1)
+
+    def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
+                dense_init: Tensor | None = None) -> PPNOutput:
+        """Predict prompts for every (image, class) row (same contract as :class:`PromptPredictor`).
+
+        Args:
+            levels: feature maps, coarse first; ``levels[0]`` is (B, D, h, w).
+            level_pe, dense_init: unused (the trunk sees coordinates directly).
+
+        Returns:
+            :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
+        """
+        x = self.stem(self.inputs(levels[0]))
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x).flatten(0, 1)[:, None]  # (R, 1, h, w), image-major rows
+        objectness = self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)).flatten()
+        if not self.training:
+            # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))
+            peak = logits.flatten(1).amax(1)
+            lift = torch.where(objectness > 0, (PEAK_MARGIN - peak).clamp(min=0.0), 0.0)
+            logits = logits + lift.reshape(-1, 1, 1, 1)
+        mask_prompts = F.interpolate(logits, size=(self.mask_prompt_size,) * 2, mode="bilinear", align_corners=False)
+        boxes = region_boxes(mask_prompts[:, 0].detach() > 0)
+        return PPNOutput(tokens=logits.new_zeros(logits.shape[0], 0, 256), boxes=boxes,
+                         box_fit=soft_extents(mask_prompts[:, 0].sigmoid()), mask_prompts=mask_prompts,
                          objectness=objectness)
 
 

@@ -15,7 +15,7 @@ import pytest
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.slow  # subprocess runs of the bundle: minutes on a CPU
-SMALL = ["--num_train_images", "2", "--cache_views", "2", "--batch_size", "2"]
+SMALL = ["--num_train_images", "2", "--cache_views", "2", "--batch_size", "2", "--val_interval", "2"]  # epoch = 2 steps
 
 
 def bundle_run(*args: str, timeout: int = 600, launcher: list[str] | None = None) -> str:
@@ -36,7 +36,7 @@ def test_training_shows_progress_checkpoints_and_resumes_after_kill(run_dirs):
     out_dir, cache = run_dirs["train"], run_dirs["cache"]
     last = out_dir / "models" / "last.pt"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-           "--max_epochs", "20", "--output_dir", str(out_dir), "--cache_dir", str(cache), *SMALL]
+           "--max_steps", "40", "--output_dir", str(out_dir), "--cache_dir", str(cache), *SMALL]
     proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 400
     while not last.is_file() and time.time() < deadline and proc.poll() is None:
@@ -44,7 +44,7 @@ def test_training_shows_progress_checkpoints_and_resumes_after_kill(run_dirs):
     proc.send_signal(signal.SIGKILL)  # killed mid-run, after at least one epoch
     log = proc.communicate()[0]
     assert last.is_file(), log[-3000:]
-    assert "Epoch [1/20]" in log, "the progress bar shows the epoch"
+    assert "/40 [" in log and "step" in log and "epoch=1/20" in log, "the progress bar counts steps and epochs"
     assert (out_dir / "models" / "model.pt").is_file(), "the best-by-validation model is saved"
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert not [p for p in (out_dir / "models").iterdir() if p.name.startswith(".")], "no partial checkpoint"
@@ -54,7 +54,7 @@ def test_training_shows_progress_checkpoints_and_resumes_after_kill(run_dirs):
     epoch_killed = torch.load(last, weights_only=True)["epoch"]
     assert epoch_killed < 20
     # the modern `run` entry resumes from last.pt and trains only the epochs left
-    resumed = bundle_run("--config_file", "configs/train.json", "--max_epochs", str(epoch_killed + 1),
+    resumed = bundle_run("--config_file", "configs/train.json", "--max_steps", str(2 * (epoch_killed + 1)),
                          "--output_dir", str(out_dir), "--cache_dir", str(cache), *SMALL)
     assert f"resumed from {last} at epoch {epoch_killed}" in resumed
     assert f"Epoch[{epoch_killed + 1}] Complete" in resumed
@@ -83,9 +83,37 @@ def test_evaluation_writes_metrics_for_three_modes(run_dirs):
 
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun not installed beside this python")
 def test_torchrun_two_processes_on_cpu(run_dirs):
-    out = bundle_run("--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_epochs", "1",
+    out = bundle_run("--config_file", "['configs/train.json','configs/multi_gpu_train.json']", "--max_steps", "2",
                      "--output_dir", str(run_dirs["ddp"]), "--cache_dir", str(run_dirs["cache"]), *SMALL,
                      launcher=[str(TORCHRUN), "--standalone", "--nnodes=1", "--nproc_per_node=2"])
     assert out.count("Epoch[1] Complete") >= 2  # trainer and evaluator of rank 0 at least
     assert (run_dirs["ddp"] / "models" / "model.pt").is_file()
     assert (run_dirs["ddp"] / "models" / "last.pt").is_file()
+
+
+def test_single_class_dataset_trains_with_the_few_shot_recipe_and_evaluates(tmp_path):
+    """A folder of 0/1 masks (the sample's nerve only) with ``--class_names "['lesion']"`` and nothing else changed."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "lesion"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    sample = BUNDLE / "data" / "usgra_sample"
+    for path in sorted((sample / "images").glob("*.png"))[:6]:
+        (data / "images" / path.name).write_bytes(path.read_bytes())
+        label = np.asarray(Image.open(sample / "masks" / path.name)) == 1
+        Image.fromarray(label.astype(np.uint8)).save(data / "masks" / path.name)
+    out_dir = tmp_path / "run"
+    names = "['lesion']"
+    log = bundle_run("training", "--config_file", "['configs/train.json','configs/few_shot.json']",
+                     "--dataset_dir", str(data), "--class_names", names, "--num_train_images", "3",
+                     "--cache_views", "2", "--batch_size", "2", "--max_steps", "4", "--val_interval", "2",
+                     "--output_dir", str(out_dir), "--cache_dir", str(tmp_path / "cache"))
+    assert "dense PPN prototypes set from 3 training images" in log
+    model = out_dir / "models" / "model.pt"
+    bundle_run("--config_file", "configs/evaluate.json", "--model_path", str(model), "--dataset_dir", str(data),
+               "--class_names", names, "--split", "val", "--output_dir", str(tmp_path / "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"lp", "bb+lp", "box"}
+    assert all(set(scores) == {"lesion"} for scores in metrics.values())

@@ -129,16 +129,23 @@ class CachedFeatureDataset(Dataset):
         cache: the feature cache.
         num_views: views per image (view 0 = no augmentation); 1 disables augmentation.
         random_view: draw a view per access (training); ``False`` always serves view 0 (validation).
+        flip_prob: probability of mirroring a served view left-right in feature space (features, masks and boxes
+            together): a second view for free, where another cached view costs an encoder pass. SAM encoders are
+            not exactly mirror-equivariant, so this is an augmentation of the features, not a copy of an encoded
+            flip.
     """
 
     def __init__(self, data: Sequence[dict[str, Any]], cache: FeatureCache, num_views: int = 4,
-                 random_view: bool = True) -> None:
+                 random_view: bool = True, flip_prob: float = 0.0) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be at least 1, got {num_views}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.data = list(data)
         self.cache = cache
         self.num_views = num_views
         self.random_view = random_view
+        self.flip_prob = flip_prob if random_view else 0.0
 
     def __len__(self) -> int:
         return len(self.data)
@@ -168,7 +175,15 @@ class CachedFeatureDataset(Dataset):
         entry = self.cache.load(item, view)
         label = entry["label"]
         masks = torch.stack([label == k for k in range(1, self.cache.num_classes + 1)]).float()
-        return {"features": entry["features"], "masks": masks, "boxes": entry["boxes"], "present": entry["present"],
+        features, boxes = entry["features"], entry["boxes"]
+        if self.flip_prob and torch.rand(()) < self.flip_prob:
+            features = {k: v.flip(-1) for k, v in features.items()}
+            masks = masks.flip(-1)
+            # inclusive pixel corners: x -> S - 1 - x swaps the two x edges; absent classes keep their zero box
+            width = masks.shape[-1] - 1
+            flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = torch.where(entry["present"][:, None] > 0.5, flipped, boxes)
+        return {"features": features, "masks": masks, "boxes": boxes, "present": entry["present"],
                 "id": str(item.get("id", index))}
 
 

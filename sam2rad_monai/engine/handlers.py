@@ -158,19 +158,6 @@ class ResumeCheckpoint:
         logger.info("resumed from %s at epoch %d", self.path, ckpt["epoch"])
 
 
-class ProgressBarHandler:
-    """Ignite's tqdm progress bar over the iterations of each epoch, showing the loss."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-
-    def attach(self, engine: Engine) -> None:
-        if self.enabled:
-            from ignite.handlers import ProgressBar
-
-            ProgressBar(persist=True).attach(engine, output_transform=lambda out: {"loss": out["loss"].item()})
-
-
 class PrepareCache:
     """Fill the feature cache of a dataset when the engine first starts (no-op for online augmentation)."""
 
@@ -187,3 +174,70 @@ class PrepareCache:
         if not self.done:
             self.dataset.prepare()
             self.done = True
+
+
+class SetPrototypes:
+    """Set a dense PPN's class prototypes (:meth:`~sam2rad_monai.ppn.DensePromptPredictor.set_prototypes`) from the
+    un-augmented view of every training image when training starts; nothing for the attention PPN.
+
+    Attach it after :class:`PrepareCache` (it reads the cache) and before :class:`ResumeCheckpoint`.
+
+    Args:
+        dataset: the training :class:`~sam2rad_monai.engine.cache.CachedFeatureDataset`.
+        network: the (possibly DDP-wrapped) Sam2Rad network.
+        batch_size: cache entries read at a time.
+    """
+
+    def __init__(self, dataset: Any, network: nn.Module, batch_size: int = 16) -> None:
+        self.dataset = dataset
+        self.network = network
+        self.batch_size = batch_size
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        ppn = unwrap(self.network).ppn
+        if not hasattr(ppn, "set_prototypes") or not hasattr(self.dataset, "cache"):
+            return
+        cache, classes = self.dataset.cache, self.dataset.cache.num_classes
+
+        def batches():
+            items = self.dataset.data
+            for start in range(0, len(items), self.batch_size):
+                entries = [cache.load(item, 0) for item in items[start:start + self.batch_size]]
+                embeds = torch.stack([e["features"]["embed"] for e in entries])
+                masks = torch.stack([torch.stack([e["label"] == k for k in range(1, classes + 1)]) for e in entries])
+                yield embeds.to(ppn.prototypes.device), masks.to(ppn.prototypes.device)
+
+        ppn.set_prototypes(batches())
+        logger.info("dense PPN prototypes set from %d training images", len(self.dataset.data))
+
+
+class ProgressBarHandler:
+    """One progress bar over the whole run, in optimiser steps, with the time left (tqdm), the epoch and the loss."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self._open)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+            engine.add_event_handler(Events.COMPLETED, self._close)
+
+    def _open(self, engine: Engine) -> None:
+        from tqdm import tqdm
+
+        total = engine.state.max_epochs * engine.state.epoch_length
+        self.bar = tqdm(total=total, initial=engine.state.iteration, desc="training", unit="step")
+
+    def _step(self, engine: Engine) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=f"{engine.state.epoch}/{engine.state.max_epochs}",
+                             loss=f"{engine.state.output['loss'].item():.4f}", refresh=False)
+
+    def _close(self, engine: Engine) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -56,9 +56,12 @@ class Sam2RadInferer(Inferer):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def run(self, network: nn.Module, inputs: Any, prompts: Prompts | None = None,
-            mode: Mode | str = Mode.AUTONOMOUS) -> dict[str, Tensor]:
+            mode: Mode | str = Mode.AUTONOMOUS, decode: bool = True) -> dict[str, Tensor]:
         with self.autocast(inputs):
-            out = network(inputs, prompts, mode) if prompts is not None else network(inputs)
+            if not decode:
+                out = network(inputs, None, Mode.AUTONOMOUS, decode=False)
+            else:
+                out = network(inputs, prompts, mode) if prompts is not None else network(inputs)
         return {k: v.float() for k, v in out.items()}
 
     def __call__(self, inputs: Any, network: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -75,7 +78,8 @@ class PromptMixInferer(Sam2RadInferer):
     ``max_clicks`` corrective clicks (``click_prob``; how refine mode applies them:
     :class:`~sam2rad_monai.model.Sam2Rad`). Clicks are drawn one at a time from the error of the model's current
     prediction with the clicks so far (no-gradient passes over only the images that need them), then the final pass
-    runs with gradients. Needs batches from :func:`prepare_training_batch` (the targets ride along).
+    runs with gradients. Needs batches from :func:`prepare_training_batch` (the targets ride along). A dense PPN
+    (``Sam2Rad(ppn="dense")``) trains without the decoder: no prompt mix, the mask prompts are the output.
 
     Args:
         box_prob, click_prob: probabilities of the two prompted row kinds.
@@ -97,6 +101,8 @@ class PromptMixInferer(Sam2RadInferer):
         if not (isinstance(inputs, dict) and "targets" in inputs):
             return self.run(network, inputs)
         features, targets = inputs["inputs"], inputs["targets"]
+        if getattr(network.module if hasattr(network, "module") else network, "ppn_kind", "") == "dense":
+            return self.run(network, features, decode=False)  # the cheap step: mask prompts, no decoder pass
         present = targets["present"] > 0.5
         draw = torch.as_tensor(self.rng.random(present.shape), device=present.device)
         box_rows = present & (draw < self.box_prob)

@@ -1,0 +1,115 @@
+"""The dense PPN: prototypes, the cheap (decoder-free) step, its autonomous output, the refine box rule, and a model
+file that carries its PPN kind."""
+
+from __future__ import annotations
+
+import torch
+
+from sam2rad_monai.backbones import build_backbone
+from sam2rad_monai.losses import Sam2RadLoss
+from sam2rad_monai.model import Mode, Prompts, Sam2Rad
+from sam2rad_monai.ppn import PEAK_MARGIN, DensePromptPredictor
+
+
+def _model(lora_rank: int = 0) -> Sam2Rad:
+    torch.manual_seed(0)
+    backbone = build_backbone("sam", "vit_b", image_size=64, pretrained=False)
+    return Sam2Rad(backbone, num_classes=2, ppn="dense", lora_rank=lora_rank)
+
+
+def _targets(size: int = 64) -> dict[str, torch.Tensor]:
+    masks = torch.zeros(2, 2, size, size)
+    masks[:, 0, 8:40, 16:48] = 1
+    masks[0, 1, 40:60, 4:20] = 1
+    boxes = torch.tensor([[[16.0, 8.0, 47.0, 39.0], [4.0, 40.0, 19.0, 59.0]], [[16.0, 8.0, 47.0, 39.0], [0.0] * 4]])
+    return {"masks": masks, "boxes": boxes, "present": torch.tensor([[1.0, 1.0], [1.0, 0.0]])}
+
+
+def test_prototypes_are_mean_unit_embeddings_under_each_mask():
+    ppn = DensePromptPredictor(num_classes=2, level_channels=(8,), mask_prompt_size=16)
+    embed = torch.zeros(1, 8, 4, 4)
+    embed[:, 0] = 2.0  # background direction
+    embed[:, 1, :2, :2] = 5.0  # class 1 region, top-left
+    embed[:, 0, :2, :2] = 0.0
+    embed[:, 2, 2:, 2:] = 3.0  # class 2 region, bottom-right
+    embed[:, 0, 2:, 2:] = 0.0
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[:, 0, :8, :8] = 1
+    masks[:, 1, 8:, 8:] = 1
+    ppn.set_prototypes([(embed, masks)])
+    assert torch.allclose(ppn.prototypes, torch.eye(8)[:3], atol=1e-6)
+    sim = ppn.inputs(embed)[:, 8:11]  # similarity channels follow the embedding
+    assert torch.equal(sim.argmax(1)[0], torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]))
+
+
+def test_cheap_step_runs_no_decoder_and_trains_only_the_ppn():
+    model = _model()
+    calls = []
+    model.backbone.mask_decoder.register_forward_hook(lambda *a: calls.append(1))
+    model.backbone.mask_decoder.transformer.register_forward_hook(lambda *a: calls.append(1))
+    features = model.encode(torch.randn(2, 3, 64, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    out = model(features, decode=False)
+    assert "decoder_logits" not in out and torch.equal(out["logits"], out["mask_prompts"])
+    assert out["mask_prompts"].shape == (2, 2, 16, 16) and out["objectness"].shape == (2, 2)
+    terms = Sam2RadLoss(image_size=64, dice_weight=1.0).terms(out, _targets())
+    assert set(terms) == {"objectness", "mask", "mask_prompt", "mask_prompt_dice", "box"} and terms["mask"] == 0
+    optimiser = torch.optim.AdamW(model.trainable_parameter_groups(lr=1e-2))
+    sum(terms.values()).backward()
+    optimiser.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("ppn.") for k in changed)
+    assert not calls, "the cheap step must not run the mask decoder"
+
+
+def test_autonomous_output_is_the_mask_prompt_and_a_present_class_keeps_its_peak():
+    model = _model().eval()
+    with torch.no_grad():
+        model.ppn.head.bias.fill_(-20.0)  # every pixel far below 0
+        model.ppn.objectness_head.bias.copy_(torch.tensor([5.0, -5.0]))  # class 1 present, class 2 absent
+        features = model.encode(torch.randn(1, 3, 64, 64))
+        out = model(features)
+    assert torch.equal(out["logits"], out["mask_prompts"])
+    assert "decoder_logits" not in out
+    nerve, vessel = out["logits"][0]
+    assert (nerve > 0).any(), "a class called present keeps the pixels near its peak"
+    assert torch.isclose(nerve.max(), torch.tensor(PEAK_MARGIN), atol=1e-3)
+    assert not (vessel > 0).any(), "an absent class stays empty"
+    assert torch.allclose(out["iou"], out["objectness"].sigmoid())
+
+
+def test_refine_with_a_box_is_never_rated_below_the_plain_box():
+    model = _model(lora_rank=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.5)  # a LoRA update that changes the decoder, which manual mode must bypass
+        features = model.encode(torch.randn(2, 3, 64, 64))
+        boxes = torch.tensor([[[10.0, 10.0, 40.0, 40.0], [5.0, 30.0, 25.0, 60.0]]] * 2)
+        valid = torch.tensor([[True, False], [True, True]])
+        refined = model(features, Prompts(boxes=boxes, box_valid=valid), Mode.REFINE)
+        plain = model(features, Prompts(boxes=boxes, box_valid=valid), Mode.MANUAL)
+        auto = model(features)
+    assert (refined["iou"][valid] >= plain["iou"][valid] - 1e-6).all()
+    same = torch.isclose(refined["iou"][valid], plain["iou"][valid])
+    assert torch.equal(refined["logits"][valid][same], plain["logits"][valid][same])
+    # the row without a box keeps the autonomous output
+    assert torch.allclose(refined["logits"][0, 1], auto["logits"][0, 1])
+
+
+def test_a_model_file_carries_its_ppn_kind():
+    dense = _model()
+    state = dense.ppn_state_dict()
+    assert "ppn.prototypes" in state
+    other = Sam2Rad(dense.backbone, num_classes=2)  # built with the default attention PPN
+    other.load_ppn_state_dict(state)
+    assert other.ppn_kind == "dense" and isinstance(other.ppn, DensePromptPredictor)
+    wrong = Sam2Rad(dense.backbone, num_classes=3)
+    try:
+        wrong.load_ppn_state_dict(state)
+    except KeyError as err:
+        assert "num_classes" in str(err)
+    else:
+        raise AssertionError("a 2-class file must not load into a 3-class model")
+    assert wrong.ppn_kind == "attention", "a refused file leaves the model as it was"
