@@ -2,11 +2,11 @@
 
     # train (optional) and evaluate every run through the bundle's own commands, then summarise
     uv run python benchmarks/accuracy.py --dataset_dir ../shared/datasets/usgra_nerve --runs_dir runs/accuracy \
-        --full_epochs 10 --few_shot_epochs 60 --seeds 0 1 2
+        --full_steps 600 --seeds 0 1 2
 
 Runs (each `python -m monai.bundle run ...` inside bundle/, logged to <runs_dir>/<name>.log):
   full        all training images of the split (validation carved out of train by the datalist, seed 0)
-  10shot-s<k> 10 training images drawn with seed k (same validation images)
+  10shot-s<k> the few-shot recipe (configs/few_shot.json, unchanged): 10 training images drawn with seed k
 Each trained model is evaluated on the test split with configs/evaluate.json; a run whose model already exists
 is not trained again. Results: <runs_dir>/accuracy.json and a markdown table on stdout (mean and spread over seeds).
 """
@@ -31,12 +31,13 @@ def bundle(args: list[str], log: Path) -> None:
         subprocess.run(cmd, cwd=BUNDLE, stdout=out, stderr=subprocess.STDOUT, check=True)
 
 
-def train_and_evaluate(name: str, train_args: list[str], ns: argparse.Namespace) -> dict:
+def train_and_evaluate(name: str, train_args: list[str], ns: argparse.Namespace,
+                       configs: str = "configs/train.json") -> dict:
     run_dir = ns.runs_dir / name
     model = run_dir / "models" / "model.pt"
     log = ns.runs_dir / f"{name}.log"
     if not model.is_file() or (run_dir / "models" / "last.pt").is_file() and ns.resume:
-        bundle(["--config_file", "configs/train.json", "--dataset_dir", str(ns.dataset_dir), "--cache_dir",
+        bundle(["--config_file", configs, "--dataset_dir", str(ns.dataset_dir), "--cache_dir",
                 str(ns.cache_dir), "--output_dir", str(run_dir), *train_args], log)
     bundle(["--config_file", "configs/evaluate.json", "--dataset_dir", str(ns.dataset_dir), "--model_path",
             str(model), "--output_dir", str(run_dir / "eval"), "--split", "test"], log)
@@ -60,10 +61,8 @@ def main() -> None:
     parser.add_argument("--dataset_dir", type=Path, required=True)
     parser.add_argument("--runs_dir", type=Path, default=BUNDLE / "runs" / "accuracy")
     parser.add_argument("--cache_dir", type=Path, default=BUNDLE / "cache")
-    parser.add_argument("--full_epochs", type=int, default=10)
-    parser.add_argument("--few_shot_epochs", type=int, default=60)
-    parser.add_argument("--few_shot_views", type=int, default=4, help="cached augmentation views per few-shot image")
-    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--full_steps", type=int, default=600)
+    parser.add_argument("--learning_rate", type=float, default=3e-4, help="of the full-data run")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--skip_full", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue runs that have a last.pt")
@@ -73,13 +72,11 @@ def main() -> None:
     common = ["--learning_rate", str(ns.learning_rate)]
     results: dict[str, dict] = {}
     if not ns.skip_full:
-        results["full"] = train_and_evaluate("full", ["--max_epochs", str(ns.full_epochs), "--cache_views", "2",
+        results["full"] = train_and_evaluate("full", ["--max_steps", str(ns.full_steps), "--cache_views", "2",
                                                       *common], ns)
     for seed in ns.seeds:
-        results[f"10shot-s{seed}"] = train_and_evaluate(
-            f"10shot-s{seed}", ["--num_train_images", "10", "--seed", str(seed), "--max_epochs",
-                                str(ns.few_shot_epochs), "--val_interval", "5", "--cache_views",
-                                str(ns.few_shot_views), *common], ns)
+        results[f"10shot-s{seed}"] = train_and_evaluate(f"10shot-s{seed}", ["--seed", str(seed)], ns,
+                                                        "['configs/train.json','configs/few_shot.json']")
     summary = {"runs": results, "summary": summarise(results)}
     (ns.runs_dir / "accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["summary"], indent=2))
