@@ -164,14 +164,18 @@ class DensePromptPredictor(nn.Module):
         channels: width of the convolutional trunk.
         dilations: one residual 3 x 3 block per entry, with that dilation (the receptive field spans the grid).
         dropout: channel dropout in each block.
+        mirror: at evaluation, average with the prediction on the left-right mirrored embedding (nnU-Net's test-time
+            mirroring; training sees such mirrored embeddings through ``feature_flip_prob``).
     """
 
     num_tokens = 2  # the box's two tokens only
 
     def __init__(self, num_classes: int, level_channels: tuple[int, ...] = (256,), mask_prompt_size: int = 256,
-                 channels: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1) -> None:
+                 channels: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1,
+                 mirror: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.mirror = mirror
         self.mask_prompt_size = mask_prompt_size
         embed = level_channels[0]
         self.norm = LayerNorm2d(embed)
@@ -216,6 +220,13 @@ class DensePromptPredictor(nn.Module):
         coords = torch.stack([xs, ys]).to(embed.dtype).expand(batch, -1, -1, -1)
         return torch.cat([self.norm(embed), similarity.to(embed.dtype), coords], dim=1)
 
+    def _predict(self, embed: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask-prompt logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w)."""
+        x = self.stem(self.inputs(embed))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x), self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
+
     def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
                 dense_init: Tensor | None = None) -> PPNOutput:
         """Predict prompts for every (image, class) row (same contract as :class:`PromptPredictor`).
@@ -227,11 +238,12 @@ class DensePromptPredictor(nn.Module):
         Returns:
             :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
         """
-        x = self.stem(self.inputs(levels[0]))
-        for block in self.blocks:
-            x = x + block(x)
-        logits = self.head(x).flatten(0, 1)[:, None]  # (R, 1, h, w), image-major rows
-        objectness = self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)).flatten()
+        logits, objectness = self._predict(levels[0])
+        if not self.training and self.mirror:
+            mirrored_logits, mirrored_objectness = self._predict(levels[0].flip(-1))
+            logits = (logits + mirrored_logits.flip(-1)) / 2
+            objectness = (objectness + mirrored_objectness) / 2
+        logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
         if not self.training:
             # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))
             peak = logits.flatten(1).amax(1)

@@ -74,7 +74,8 @@ def test_autonomous_output_is_the_mask_prompt_and_a_present_class_keeps_its_peak
     assert "decoder_logits" not in out
     nerve, vessel = out["logits"][0]
     assert (nerve > 0).any(), "a class called present keeps the pixels near its peak"
-    assert torch.isclose(nerve.max(), torch.tensor(PEAK_MARGIN), atol=1e-3)
+    # the peak is lifted to PEAK_MARGIN on the embedding grid; bilinear upsampling to the prompt size only lowers it
+    assert PEAK_MARGIN - 0.1 < nerve.max() <= PEAK_MARGIN + 1e-4
     assert not (vessel > 0).any(), "an absent class stays empty"
     assert torch.allclose(out["iou"], out["objectness"].sigmoid())
 
@@ -113,3 +114,23 @@ def test_a_model_file_carries_its_ppn_kind():
     else:
         raise AssertionError("a 2-class file must not load into a 3-class model")
     assert wrong.ppn_kind == "attention", "a refused file leaves the model as it was"
+
+
+def test_mirroring_at_evaluation_is_symmetric_and_off_in_training():
+    model = _model().eval()
+    with torch.no_grad():
+        embed = model.backbone.levels(model.encode(torch.randn(1, 3, 64, 64)))[0]
+        out, out_flipped = model.ppn([embed]), model.ppn([embed.flip(-1)])
+        # mirrored evaluation is equivariant: the prediction of a mirrored embedding is the mirrored prediction
+        assert torch.allclose(out.mask_prompts, out_flipped.mask_prompts.flip(-1), atol=1e-5)
+        assert torch.allclose(out.objectness, out_flipped.objectness, atol=1e-5)
+        model.ppn.mirror = False
+        plain = model.ppn([embed])
+    assert not torch.allclose(plain.mask_prompts, out.mask_prompts, atol=1e-5)
+    model.ppn.train()
+    torch.manual_seed(0)
+    a = model.ppn([embed]).mask_prompts
+    model.ppn.mirror = True
+    torch.manual_seed(0)
+    b = model.ppn([embed]).mask_prompts
+    assert torch.equal(a, b), "training never mirrors"
