@@ -10,7 +10,8 @@ Same pieces as Sam2Rad, so the comparison is fair:
   epoch is chosen on ``val`` (mean Dice over classes), never on ``test``;
 - input: :func:`~sam2rad_monai.transforms.preprocessing_transforms` at 256 (resize longest side, scale to [0, 1],
   zero-pad), computed once and kept in memory; the paper's augmentation
-  (:func:`~sam2rad_monai.transforms.augmentation_transforms`) is applied online to the training samples;
+  (:func:`~sam2rad_monai.transforms.augmentation_transforms`; ``--rotate_degrees`` / ``--no_vertical_flip`` give
+  the ultrasound-geometry variant) is applied online to the training samples;
 - scoring: at each frame's original resolution: predict at 256, crop the padding (``input_size``), resize the
   logits bilinearly to ``original_size``, argmax, and compare with the original mask using
   :class:`~sam2rad_monai.metrics.SegmentationScores` (a prediction on a frame without the class is a false
@@ -136,7 +137,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_unet()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    augment = augmentation_transforms(SIZE)  # targets (boxes) are not needed by a UNet
+    # targets (boxes) are not needed by a UNet
+    augment = augmentation_transforms(SIZE, rotate_degrees=args.rotate_degrees, vertical_flip=not args.no_vertical_flip)
     augment.set_random_state(seed=args.seed)
     order_rng = torch.Generator().manual_seed(args.seed)
 
@@ -185,6 +187,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "augmentation": {"rotate_degrees": args.rotate_degrees, "vertical_flip": not args.no_vertical_flip},
             "best_epoch": best["epoch"],
             "best_val_mean_dice": best["val_mean_dice"],
             "train_time_s": round(train_s, 1),
@@ -207,6 +210,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--rotate_degrees", type=float, default=90.0, help="augmentation's rotation range (the paper: 90)")
+    p.add_argument("--no_vertical_flip", action="store_true", help="augmentation without upside-down flips")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--output", required=True, help="result JSON path")
     p.add_argument("--per_image_csv", default=None, help="optional per-image test scores CSV")

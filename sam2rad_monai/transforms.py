@@ -363,15 +363,21 @@ def augmentation_transforms(
     label_key: str = "label",
     num_classes: int | None = None,
     min_pixels: int = 1,
+    rotate_degrees: float = 90.0,
+    vertical_flip: bool = True,
 ) -> Compose:
     """The Sam2Rad paper's augmentation (section 4.2) on ``S x S`` tensors, each step with probability ``prob``.
 
     Steps, in this order (indices of ``Compose.transforms``): 0 horizontal flip, 1 vertical flip, 2 translation
-    up to 20 % of ``S`` per axis, 3 rotation uniform in [-90, 90] degrees, 4 random resized crop (each side
-    uniform in [sqrt(0.8), 1] of ``S``, so the area lies in [0.8, 1]) and 5 resize back to ``S x S``. Bilinear
-    for the image, nearest for the label; uncovered areas are 0 (background / normalised zero). The label is
-    cast back to uint8, and with ``num_classes`` the targets are recomputed so that boxes follow the
-    augmentation.
+    up to 20 % of ``S`` per axis, 3 rotation uniform in [-``rotate_degrees``, ``rotate_degrees``] (the paper: 90),
+    4 random resized crop (each side uniform in [sqrt(0.8), 1] of ``S``, so the area lies in [0.8, 1]) and 5 resize
+    back to ``S x S``. Bilinear for the image, nearest for the label; uncovered areas are 0 (background / normalised
+    zero). The label is cast back to uint8, and with ``num_classes`` the targets are recomputed so that boxes follow
+    the augmentation.
+
+    An ultrasound frame always has depth running down from the probe at the top, so a vertical flip or a quarter
+    turn makes frames no scanner produces: ``vertical_flip=False`` keeps step 1 as a no-op (indices stay put) and a
+    small ``rotate_degrees`` keeps only the tilt of a hand-held probe.
 
     Args:
         size: the tensor size ``S`` (the data must already be ``S x S``).
@@ -380,20 +386,27 @@ def augmentation_transforms(
         label_key: label key.
         num_classes: if given, append :class:`LabelToTargetsd`.
         min_pixels: minimum area for a class to count as present.
+        rotate_degrees: largest rotation either way, in degrees.
+        vertical_flip: whether step 1 flips upside down.
 
     Returns:
         A ``Compose``; seed it with ``set_random_state`` (see :func:`augment_view`).
     """
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if not isinstance(vertical_flip, bool):  # the bundle CLI passes "false" on as a (truthy) string
+        raise TypeError(f"vertical_flip must be True or False, got {vertical_flip!r}")
+    if not 0.0 <= rotate_degrees <= 180.0:
+        raise ValueError(f"rotate_degrees must be in [0, 180], got {rotate_degrees}")
     keys = [image_key, label_key]
     mode, pad = ("bilinear", "nearest"), "zeros"
     side = math.sqrt(0.8)
     transforms: list[Any] = [
         RandFlipd(keys, prob=prob, spatial_axis=1),  # axis 1 of (H, W) = columns: horizontal flip
-        RandFlipd(keys, prob=prob, spatial_axis=0),
+        RandFlipd(keys, prob=prob if vertical_flip else 0.0, spatial_axis=0),
         RandAffined(keys, prob=prob, translate_range=(0.2 * size, 0.2 * size), mode=mode, padding_mode=pad),
-        RandRotated(keys, range_x=math.pi / 2, prob=prob, keep_size=True, mode=mode, padding_mode=pad),
+        RandRotated(keys, range_x=math.radians(rotate_degrees), prob=prob, keep_size=True, mode=mode,
+                    padding_mode=pad),
         OneOf(
             [RandScaleCropd(keys, roi_scale=side, max_roi_scale=1.0, random_size=True), Identityd(keys)],
             weights=(prob, 1.0 - prob),

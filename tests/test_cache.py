@@ -84,6 +84,8 @@ def test_invalidation_on_content_view_seed_and_backbone(backbone, items, tmp_pat
     assert cache.path(items[0], 1) != first  # view
     assert FeatureCache(tmp_path / "cache", backbone, 2, seed=1).path(items[0], 0) != first  # seed
     assert FeatureCache(tmp_path / "cache", backbone, 2, aug_prob=0.3).path(items[0], 0) != first  # augmentation
+    assert FeatureCache(tmp_path / "cache", backbone, 2, vertical_flip=False).path(items[0], 0) != first
+    assert FeatureCache(tmp_path / "cache", backbone, 2, rotate_degrees=15.0).path(items[0], 0) != first
     original = backbone.weights_digest
     try:
         backbone.weights_digest = "other-weights"  # what a different checkpoint file gives

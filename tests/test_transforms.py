@@ -249,6 +249,25 @@ def test_augmentation_ranges_match_the_paper() -> None:
     assert roi.roi_scale == pytest.approx(math.sqrt(0.8)) and roi.max_roi_scale == 1.0
 
 
+def test_ultrasound_geometry_option_keeps_depth_down() -> None:
+    aug = augmentation_transforms(100, prob=0.5, rotate_degrees=15.0, vertical_flip=False)
+    _, vflip, _, rotate = aug.transforms[:4]
+    assert vflip.prob == 0.0 and rotate.rand_rotate.range_x == pytest.approx((-math.radians(15), math.radians(15)))
+    d = _synthetic(64)
+    for k in range(1, 17):  # the class-2 bar near the top never moves to the bottom half
+        v = augment_view(d, k, seed=0, transform=augmentation_transforms(64, rotate_degrees=15.0,
+                                                                         vertical_flip=False, num_classes=2))
+        ys = torch.nonzero(v["label"][0] == 2, as_tuple=True)[0]
+        assert len(ys) == 0 or ys.float().mean() < 32
+    # the paper's settings draw the same views as before the option existed
+    paper = augmentation_transforms(64, num_classes=2, rotate_degrees=90.0, vertical_flip=True)
+    assert torch.equal(augment_view(d, 3, seed=1, transform=paper)["label"], augment_view(d, 3, seed=1)["label"])
+    with pytest.raises(TypeError, match="vertical_flip"):
+        augmentation_transforms(64, vertical_flip="false")
+    with pytest.raises(ValueError, match="rotate_degrees"):
+        augmentation_transforms(64, rotate_degrees=270.0)
+
+
 class _RowsReader(ImageReader):
     """A stand-in for a project reader: '.rows' files hold a (rows, columns) text array."""
 

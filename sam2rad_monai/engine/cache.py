@@ -38,10 +38,13 @@ class FeatureCache:
         seed: base seed of the augmentation views (view 0 is the un-augmented image).
         aug_prob: probability of each augmentation step in views > 0.
         batch_size: images per encoder batch when filling the cache.
+        rotate_degrees, vertical_flip: the augmentation's rotation range and vertical flip
+            (:func:`~sam2rad_monai.transforms.augmentation_transforms`).
     """
 
     def __init__(self, cache_dir: str | Path, backbone: Backbone, num_classes: int, seed: int = 0,
-                 aug_prob: float = 0.5, batch_size: int = 8) -> None:
+                 aug_prob: float = 0.5, batch_size: int = 8, rotate_degrees: float = 90.0,
+                 vertical_flip: bool = True) -> None:
         self.backbone = backbone
         self.num_classes = num_classes
         self.seed = seed
@@ -49,9 +52,12 @@ class FeatureCache:
         self.batch_size = batch_size
         size = backbone.image_size
         self.preprocess = preprocessing_transforms(size, backbone.pixel_mean, backbone.pixel_std, num_classes)
-        self.augment = augmentation_transforms(size, prob=aug_prob, num_classes=num_classes)
+        self.augment = augmentation_transforms(size, prob=aug_prob, num_classes=num_classes,
+                                               rotate_degrees=rotate_degrees, vertical_flip=vertical_flip)
         settings = {"format": CACHE_FORMAT, "backbone": backbone.identity(), "mean": backbone.pixel_mean,
                     "std": backbone.pixel_std, "classes": num_classes, "seed": seed, "aug_prob": aug_prob}
+        if (rotate_degrees, vertical_flip) != (90.0, True):  # the paper's augmentation keeps its existing keys
+            settings.update(rotate_degrees=float(rotate_degrees), vertical_flip=bool(vertical_flip))
         self.signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(cache_dir) / f"{backbone.name}-{backbone.variant}-{backbone.image_size}"
         self._content: dict[str, str] = {}
