@@ -61,15 +61,10 @@ class Sam2RadLoss(nn.Module):
             if self.dice_weight and final is not None:
                 terms["dice"] = self.dice_weight * self.dice(logits[present, None], masks[present, None])
             if "mask_prompts" in pred:
-                # an ensemble's members each learn from their own logits (B, C, M, m, m), averaged over members
-                if "member_mask_prompts" in pred:
-                    prompts = pred["member_mask_prompts"].flatten(0, 1)[present]
-                else:
-                    prompts = pred["mask_prompts"].flatten(0, 1)[present, None]
-                target_masks = masks[present, None].expand_as(prompts)
-                terms["mask_prompt"] = self.mask_weight * self._focal(prompts, target_masks)
+                prompts = pred["mask_prompts"].flatten(0, 1)[present]
+                terms["mask_prompt"] = self.mask_weight * self._focal(prompts, masks[present])
                 if self.dice_weight:
-                    terms["mask_prompt_dice"] = self.dice_weight * self.dice(prompts, target_masks)
+                    terms["mask_prompt_dice"] = self.dice_weight * self.dice(prompts[:, None], masks[present, None])
             if "boxes" in pred:
                 box_pred = pred.get("box_fit", pred["boxes"]).flatten(0, 1)[present]
                 box_true = self.normalise_boxes(target["boxes"].flatten(0, 1)[present])

@@ -101,21 +101,19 @@ class Sam2Rad(nn.Module):
             decoder pass to train (``forward(..., decode=False)``), for few labels and CPU budgets.
         click_radius: radius of the disc a refine-mode click paints into the mask prompt, as a fraction of the input
             side (1/16 was the best of 1/32 to 1/8 in the click benchmark on the usgra validation split).
-        ppn_members: a dense PPN's ensemble size (:class:`~sam2rad_monai.ppn.DensePromptPredictor` ``members``).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
                  num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
                  lora_rank: int = 0, box_source: str = "mask", fuse_mask_prompt: bool = True,
-                 click_radius: float = 1 / 16, ppn: str = "attention", ppn_members: int = 1) -> None:
+                 click_radius: float = 1 / 16, ppn: str = "attention") -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.fuse_mask_prompt = fuse_mask_prompt
         self.click_radius = click_radius
         self._ppn_kwargs = dict(num_tokens=num_tokens, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source,
-                                members=ppn_members)
+                                mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
         self.ppn: PromptPredictor | DensePromptPredictor
         self._build_ppn(ppn)
         self.lora_rank = lora_rank
@@ -127,8 +125,7 @@ class Sam2Rad(nn.Module):
             raise ValueError(f"ppn must be 'attention' or 'dense', got {kind!r}")
         bb, kw = self.backbone, self._ppn_kwargs
         if kind == "dense":
-            ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"],
-                                       members=kw["members"])
+            ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"])
         else:
             ppn = PromptPredictor(self.num_classes, kw["num_tokens"], bb.level_channels, bb.mask_prompt_size,
                                   depth=kw["depth"], num_heads=kw["num_heads"], mlp_dim=kw["mlp_dim"],
@@ -159,15 +156,12 @@ class Sam2Rad(nn.Module):
     def load_ppn_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load a checkpoint written by :meth:`ppn_state_dict`; every PPN / LoRA key must be present.
 
-        A model takes the checkpoint's PPN kind (``ppn``) and ensemble size (``ppn_members``), and a model built
-        without LoRA its LoRA rank (all are part of the trained model, so configs need not repeat them); any other
-        difference is an error.
+        A model takes the checkpoint's PPN kind (``ppn``), and a model built without LoRA its LoRA rank (both are
+        part of the trained model, so configs need not repeat them); any other difference is an error.
         """
         kind = "dense" if "ppn.prototypes" in state else "attention"
-        previous = (self.ppn, self.ppn_kind, self._ppn_kwargs["members"])
-        if kind == "dense" and "ppn.head.weight" in state:
-            self._ppn_kwargs["members"] = max(1, state["ppn.head.weight"].shape[0] // self.num_classes)
-        if kind != self.ppn_kind or self._ppn_kwargs["members"] != previous[2]:
+        previous = (self.ppn, self.ppn_kind)
+        if kind != self.ppn_kind:
             self._build_ppn(kind)
         rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
         # adopt the rank only for a checkpoint that otherwise matches, so a refused one leaves the model as it was
@@ -178,7 +172,7 @@ class Sam2Rad(nn.Module):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or resized:
-            self.ppn, self.ppn_kind, self._ppn_kwargs["members"] = previous
+            self.ppn, self.ppn_kind = previous
             raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}, other shape {resized[:3]} "
                            "(check num_classes, num_tokens, lora_rank and box_source)")
@@ -284,16 +278,13 @@ class Sam2Rad(nn.Module):
         level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
         pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0])
         box_tokens = bb.embed_boxes(pred.boxes * bb.image_size)
-        learned = {
+        return {
             "sparse": torch.cat([box_tokens, pred.tokens], dim=1),  # the box's two tokens first
             "boxes": pred.boxes,
             "box_fit": pred.box_fit,
             "mask_prompts": pred.mask_prompts[:, 0],
             "objectness": pred.objectness,
         }
-        if pred.member_mask_prompts is not None:
-            learned["member_mask_prompts"] = pred.member_mask_prompts
-        return learned
 
     def _edit_learned_prompts(self, prompts: Prompts, rows: int, sparse: Tensor, mask_prompt: Tensor
                               ) -> tuple[Tensor, Tensor, Tensor]:

@@ -38,7 +38,6 @@ class PPNOutput:
     box_fit: Tensor  # (R, 4) the differentiable box the loss trains (``boxes`` itself for ``box_source="query"``)
     mask_prompts: Tensor  # (R, 1, m, m) mask-prompt logits
     objectness: Tensor  # (R,) logits
-    member_mask_prompts: Tensor | None = None  # (R, M, m, m) each ensemble member's logits, in training only
 
 
 class PromptPredictor(nn.Module):
@@ -167,40 +166,32 @@ class DensePromptPredictor(nn.Module):
         dropout: channel dropout in each block.
         mirror: at evaluation, average with the prediction on the left-right mirrored embedding (nnU-Net's test-time
             mirroring; training sees such mirrored embeddings through ``feature_flip_prob``).
-        members: independently initialised copies of the trunk and mask head, run as one grouped convolution and
-            each trained by its own loss (``member_mask_prompts``); the output averages their logits (a deep
-            ensemble, Lakshminarayanan et al. 2017, whose variance reduction counts most with few labels).
     """
 
     num_tokens = 2  # the box's two tokens only
 
     def __init__(self, num_classes: int, level_channels: tuple[int, ...] = (256,), mask_prompt_size: int = 256,
                  channels: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1,
-                 mirror: bool = True, members: int = 1) -> None:
+                 mirror: bool = True) -> None:
         super().__init__()
-        if members < 1:
-            raise ValueError(f"members must be >= 1, got {members}")
         self.num_classes = num_classes
         self.mirror = mirror
-        self.members = members
         self.mask_prompt_size = mask_prompt_size
         embed = level_channels[0]
         self.norm = LayerNorm2d(embed)
         self.register_buffer("prototypes", torch.zeros(num_classes + 1, embed))
-        # members are channel groups: grouped convolutions and group norms never mix two members' channels
-        width, groups = channels * members, 8 * members
-        self.stem = nn.Sequential(nn.Conv2d(embed + num_classes + 1 + 2, width, 1), nn.GroupNorm(groups, width),
+        self.stem = nn.Sequential(nn.Conv2d(embed + num_classes + 1 + 2, channels, 1), nn.GroupNorm(8, channels),
                                   nn.GELU())
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=d, dilation=d, groups=members),
-                          nn.GroupNorm(groups, width), nn.GELU(), nn.Dropout2d(dropout))
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=d, dilation=d), nn.GroupNorm(8, channels),
+                          nn.GELU(), nn.Dropout2d(dropout))
             for d in dilations
         )
-        self.head = nn.Conv2d(width, num_classes * members, 1, groups=members)
+        self.head = nn.Conv2d(channels, num_classes, 1)
         # RetinaNet's prior (Lin et al. 2017): start every pixel at foreground probability 0.01, so the focal loss
         # is not swamped by the background at the first steps (without it, training depended on the init seed)
         nn.init.constant_(self.head.bias, -math.log(99.0))
-        self.objectness_head = nn.Linear(2 * width, num_classes)
+        self.objectness_head = nn.Linear(2 * channels, num_classes)
 
     @torch.no_grad()
     def set_prototypes(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
@@ -230,14 +221,11 @@ class DensePromptPredictor(nn.Module):
         return torch.cat([self.norm(embed), similarity.to(embed.dtype), coords], dim=1)
 
     def _predict(self, embed: Tensor) -> tuple[Tensor, Tensor]:
-        """Every member's mask-prompt logits (B, M, C, h, w) and the objectness logits (B, C) of embeddings
-        (B, D, h, w)."""
+        """Mask-prompt logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w)."""
         x = self.stem(self.inputs(embed))
         for block in self.blocks:
             x = x + block(x)
-        logits = self.head(x)
-        return (logits.reshape(logits.shape[0], self.members, self.num_classes, *logits.shape[-2:]),
-                self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)))
+        return self.head(x), self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
 
     def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
                 dense_init: Tensor | None = None) -> PPNOutput:
@@ -248,20 +236,13 @@ class DensePromptPredictor(nn.Module):
             level_pe, dense_init: unused (the trunk sees coordinates directly).
 
         Returns:
-            :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)); in training with
-            more than one member, ``member_mask_prompts`` (R, M, m, m) holds each member's logits for its own loss.
+            :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
         """
-        members, objectness = self._predict(levels[0])
+        logits, objectness = self._predict(levels[0])
         if not self.training and self.mirror:
-            mirrored_members, mirrored_objectness = self._predict(levels[0].flip(-1))
-            members = (members + mirrored_members.flip(-1)) / 2
+            mirrored_logits, mirrored_objectness = self._predict(levels[0].flip(-1))
+            logits = (logits + mirrored_logits.flip(-1)) / 2
             objectness = (objectness + mirrored_objectness) / 2
-        member_prompts = None
-        if self.training and self.members > 1:
-            rows = members.transpose(1, 2).flatten(0, 1)  # (R, M, h, w), image-major rows
-            member_prompts = F.interpolate(rows, size=(self.mask_prompt_size,) * 2, mode="bilinear",
-                                           align_corners=False)
-        logits = members.mean(1)
         logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
         if not self.training:
             # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))
@@ -272,7 +253,7 @@ class DensePromptPredictor(nn.Module):
         boxes = region_boxes(mask_prompts[:, 0].detach() > 0)
         return PPNOutput(tokens=logits.new_zeros(logits.shape[0], 0, 256), boxes=boxes,
                          box_fit=soft_extents(mask_prompts[:, 0].sigmoid()), mask_prompts=mask_prompts,
-                         objectness=objectness, member_mask_prompts=member_prompts)
+                         objectness=objectness)
 
 
 def soft_extents(probs: Tensor) -> Tensor:

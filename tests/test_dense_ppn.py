@@ -134,33 +134,3 @@ def test_mirroring_at_evaluation_is_symmetric_and_off_in_training():
     torch.manual_seed(0)
     b = model.ppn([embed]).mask_prompts
     assert torch.equal(a, b), "training never mirrors"
-
-
-def test_ensemble_members_are_independent_each_trained_and_averaged():
-    torch.manual_seed(0)
-    ppn = DensePromptPredictor(num_classes=2, level_channels=(16,), mask_prompt_size=32, channels=16, members=3)
-    embed = torch.randn(2, 16, 8, 8, requires_grad=True)
-    ppn.train()
-    ppn.blocks.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout2d) else None)
-    out = ppn([embed])
-    assert out.member_mask_prompts.shape == (4, 3, 32, 32)  # (images x classes, members, m, m)
-    assert torch.allclose(out.member_mask_prompts.mean(1), out.mask_prompts[:, 0], atol=1e-5)
-    # a loss on one member reaches that member's weights only: the grouped convolutions never mix members
-    out.member_mask_prompts[:, 1].sum().backward()
-    per_member = ppn.blocks[2][0].weight.grad.reshape(3, -1).abs().sum(1)
-    assert per_member[1] > 0 and per_member[0] == 0 and per_member[2] == 0
-    ppn.eval()
-    assert ppn([embed]).member_mask_prompts is None  # evaluation gives the average only
-    # the loss trains every member on its own logits
-    model = Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2, ppn="dense",
-                    ppn_members=2).train()
-    out = model(model.encode(torch.randn(2, 3, 64, 64)), decode=False)
-    assert out["member_mask_prompts"].shape == (2, 2, 2, 16, 16)
-    terms = Sam2RadLoss(image_size=64, dice_weight=1.0).terms(out, _targets())
-    alone = Sam2RadLoss(image_size=64, dice_weight=1.0).terms({k: v for k, v in out.items()
-                                                               if k != "member_mask_prompts"}, _targets())
-    assert not torch.isclose(terms["mask_prompt"], alone["mask_prompt"])
-    # a model file carries its ensemble size
-    fresh = Sam2Rad(model.backbone, num_classes=2)
-    fresh.load_ppn_state_dict(model.ppn_state_dict())
-    assert fresh.ppn_kind == "dense" and fresh.ppn.members == 2
