@@ -37,18 +37,22 @@ class FeatureCache:
         num_classes: foreground classes of the label maps.
         seed: base seed of the augmentation views (view 0 is the un-augmented image).
         aug_prob: probability of each augmentation step in views > 0.
-        batch_size: images per encoder batch when filling the cache.
+        batch_size: images per encoder batch when filling the cache; ``None``: decided when filling, 1 where the
+            backbone is on a CPU (LiteMedSAM's encoder there runs an image alone faster than in a batch,
+            docs/BENCHMARKS.md "Encoder runtimes"), else 8.
         rotate_degrees, vertical_flip: the augmentation's rotation range and vertical flip
             (:func:`~sam2rad_monai.transforms.augmentation_transforms`).
     """
 
     def __init__(self, cache_dir: str | Path, backbone: Backbone, num_classes: int, seed: int = 0,
-                 aug_prob: float = 0.5, batch_size: int = 8, rotate_degrees: float = 90.0,
+                 aug_prob: float = 0.5, batch_size: int | None = None, rotate_degrees: float = 90.0,
                  vertical_flip: bool = True) -> None:
         self.backbone = backbone
         self.num_classes = num_classes
         self.seed = seed
         self.aug_prob = aug_prob
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         size = backbone.image_size
         self.preprocess = preprocessing_transforms(size, backbone.pixel_mean, backbone.pixel_std, num_classes)
@@ -95,8 +99,11 @@ class FeatureCache:
         """Encode and store every (item, view) not in the cache yet, in encoder batches. Returns the count encoded."""
         todo = [(item, view) for item, view in pairs if not self.path(item, view).is_file()]
         base: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
+        batch = self.batch_size
+        if batch is None:  # the backbone may have moved to its device after this cache was built
+            batch = 1 if all(p.device.type == "cpu" for p in self.backbone.parameters()) else 8
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
             samples = []
             for item, view in chunk:
                 key = str(item["image"])
