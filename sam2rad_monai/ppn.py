@@ -238,11 +238,13 @@ class DensePromptPredictor(nn.Module):
         Returns:
             :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
         """
-        logits, objectness = self._predict(levels[0])
-        if not self.training and self.mirror:
-            mirrored_logits, mirrored_objectness = self._predict(levels[0].flip(-1))
-            logits = (logits + mirrored_logits.flip(-1)) / 2
-            objectness = (objectness + mirrored_objectness) / 2
+        embed = levels[0]
+        if not self.training and self.mirror:  # one trunk pass over the embedding and its mirror image
+            logits, objectness = self._predict(torch.cat([embed, embed.flip(-1)]))
+            plain, mirrored = logits.chunk(2)
+            logits, objectness = (plain + mirrored.flip(-1)) / 2, objectness.reshape(2, -1, self.num_classes).mean(0)
+        else:
+            logits, objectness = self._predict(embed)
         logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
         if not self.training:
             # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))

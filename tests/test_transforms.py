@@ -259,9 +259,6 @@ def test_ultrasound_geometry_option_keeps_depth_down() -> None:
                                                                          vertical_flip=False, num_classes=2))
         ys = torch.nonzero(v["label"][0] == 2, as_tuple=True)[0]
         assert len(ys) == 0 or ys.float().mean() < 32
-    # the paper's settings draw the same views as before the option existed
-    paper = augmentation_transforms(64, num_classes=2, rotate_degrees=90.0, vertical_flip=True)
-    assert torch.equal(augment_view(d, 3, seed=1, transform=paper)["label"], augment_view(d, 3, seed=1)["label"])
     with pytest.raises(TypeError, match="vertical_flip"):
         augmentation_transforms(64, vertical_flip="false")
     with pytest.raises(ValueError, match="rotate_degrees"):
