@@ -1,7 +1,7 @@
 """Frames per second of bundle inference (InferenceRunner, LiteMedSAM by default), and where the time goes.
 
     uv run python benchmarks/inference_speed.py [--frames 16] [--batch-sizes 1,8] [--format dicomseg]
-        [--model_path bundle/models/model.pt] [--backbone litemedsam] [--device cpu]
+        [--model_path bundle/models/model.pt] [--backbone litemedsam] [--device cpu] [--runtimes onnx,openvino]
 
 The bundle's sample frames (bundle/data/usgra_sample/images, CC BY 4.0), centre-cropped to 512 x 512 so that
 they fit one series, are wrapped as one ultrasound DICOM series in a temporary folder and segmented in autonomous
@@ -13,6 +13,10 @@ Prints the machine (CPU model, cores, torch threads, GPU), then per encoder batc
 run, and the split per frame between the frozen encoder, the PPN + SAM prompt encoder + mask decoder, and
 reading / writing (DICOM decode, SEG or NIfTI encode and atomic write). Start-up (imports, building the model,
 about 10-40 s here) is not included; it is paid once per run.
+
+``--runtimes`` adds a row per exported CPU runtime (:mod:`sam2rad_monai.runtime`, batch 1: its graphs take one
+frame), needing ``--model_path``; the export (or the check of an existing one) and the sessions' start are timed
+apart as ``startup_s``.
 """
 
 from __future__ import annotations
@@ -74,7 +78,11 @@ def main() -> None:
     parser.add_argument("--model_path", default=None, help="trained PPN (default: untrained, same speed)")
     parser.add_argument("--backbone", default="litemedsam")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runtimes", default="", help="exported runtimes to add (onnx, openvino), comma-separated")
     args = parser.parse_args()
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    if runtimes and not args.model_path:
+        parser.error("--runtimes needs --model_path (the graphs are exported next to it)")
 
     info = machine()
     pngs = sorted(SAMPLE.glob("*.png"))[: args.frames]
@@ -89,34 +97,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         series = Path(tmp) / "series"
         png_frames_to_dicom_series(frames, series)
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            predictor = Sam2RadPredictor(model, args.device, batch_size=batch_size)
+        runs = [("torch", int(b)) for b in args.batch_sizes.split(",")] + [(r, 1) for r in runtimes]
+        for runtime, batch_size in runs:
+            start = time.perf_counter()
+            predictor = Sam2RadPredictor(model, args.device, batch_size=batch_size, runtime=runtime,
+                                         model_path=args.model_path)
+            startup = time.perf_counter() - start
             predictor.predict([np.zeros((64, 64, 3), np.float32)])  # warm-up: thread pools, lazy inits
-            runner = InferenceRunner(predictor, CLASSES, Path(tmp) / f"out{batch_size}", args.format,
+            runner = InferenceRunner(predictor, CLASSES, Path(tmp) / f"out-{runtime}{batch_size}", args.format,
                                      stdout=io.StringIO())
             summary = runner.run(series)
             if summary.failed:
                 raise RuntimeError(summary.failed[0].error)
             n = summary.frames
             rows.append({
-                "batch_size": batch_size, "frames": n, "seconds": round(summary.total_s, 2),
+                "runtime": runtime, "startup_s": round(startup, 1), "batch_size": batch_size, "frames": n, "seconds": round(summary.total_s, 2),
                 "fps": round(n / summary.total_s, 3),
                 "encoder_s_per_frame": round(summary.encoder_s / n, 3),
                 "decoder_s_per_frame": round(summary.decoder_s / n, 3),
                 "io_s_per_frame": round(summary.io_s / n, 3),
                 "encoder_share": round(summary.encoder_s / summary.total_s, 3),
             })
-            print(f"batch {batch_size}: {n} frames in {summary.total_s:.1f} s", flush=True)
+            print(f"{runtime} batch {batch_size}: {n} frames in {summary.total_s:.1f} s", flush=True)
     print()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
           f"threads, GPU: {info['gpu']}, 1-min load average at start {info['load_average_1min']}")
     print(f"input: {len(pngs)}-frame DICOM series (bundle sample, {args.backbone}), output {args.format}, "
           f"device {args.device}")
     print()
-    print("| encoder batch | frames/s | s/frame | encoder s/frame | PPN+decoder s/frame | read/write s/frame |")
-    print("|---|---|---|---|---|---|")
+    base = {r["batch_size"]: r["seconds"] / r["frames"] for r in rows if r["runtime"] == "torch"}
+    print("| runtime | encoder batch | frames/s | s/frame | speed vs torch batch " + " / ".join(map(str, base)) +
+          " | encoder s/frame | PPN+decoder s/frame | read/write s/frame |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch_size']} | {r['fps']:.2f} | {r['seconds'] / r['frames']:.2f} | "
+        per_frame = r["seconds"] / r["frames"]
+        ratios = " / ".join(f"{b / per_frame:.2f}" for b in base.values())
+        print(f"| {r['runtime']} | {r['batch_size']} | {r['fps']:.2f} | {per_frame:.2f} | {ratios} | "
               f"{r['encoder_s_per_frame']:.2f} ({100 * r['encoder_share']:.0f}%) | {r['decoder_s_per_frame']:.2f} | "
               f"{r['io_s_per_frame']:.2f} |")
     print()

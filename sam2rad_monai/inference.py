@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .backbones import Backbone, build_backbone, read_state_dict
 from .model import MASK_PROMPT_LOGIT, Mode, Prompts, Sam2Rad
+from .runtime import ExportedRuntime
 from .transforms import preprocessing_transforms
 
 
@@ -51,15 +52,28 @@ class Sam2RadPredictor:
         device: where to run.
         objectness_threshold: a class whose objectness logit is below it is empty (rows with a user prompt for that
             class are kept: the user said the object is there).
-        batch_size: frames per encoder batch.
+        batch_size: frames per encoder batch; ``None``: 1 on a CPU (LiteMedSAM's encoder there runs a frame alone
+            faster than in a batch, docs/BENCHMARKS.md "Encoder runtimes"), 8 on an accelerator.
+        runtime: ``torch`` (default), or an exported CPU runtime, ``onnx`` (ONNX Runtime) or ``openvino``
+            (:mod:`sam2rad_monai.runtime`): the encoder and autonomous mode's prompt path run exported, refine and
+            manual modes run the PyTorch prompt path on the exported encoder's features.
+        model_path: the file the model's PPN was loaded from, which an exported runtime checks its graphs against
+            (they are exported next to it, or rebuilt when stale); ``None`` with a runtime: an untrained model,
+            whose graphs go to ``export_folder``.
+        export_folder: where the exported graphs live (default: next to ``model_path``).
     """
 
     def __init__(self, model: Sam2Rad, device: str | torch.device = "cpu", objectness_threshold: float = 0.0,
-                 batch_size: int = 8) -> None:
+                 batch_size: int | None = None, runtime: str = "torch", model_path: str | Path | None = None,
+                 export_folder: str | Path | None = None) -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.objectness_threshold = objectness_threshold
+        if batch_size is None:
+            batch_size = 1 if self.device.type == "cpu" else 8
         self.batch_size = batch_size
+        self.runtime: ExportedRuntime | None = None
+        self.set_runtime(runtime, model_path, export_folder)
         bb = model.backbone
         self.size = bb.image_size
         self._preprocess = preprocessing_transforms(bb.image_size, bb.pixel_mean, bb.pixel_std, model.num_classes,
@@ -83,7 +97,16 @@ class Sam2RadPredictor:
         model = Sam2Rad(bb, num_classes, **kwargs_model)
         if state is not None:
             model.load_ppn_state_dict(state)
-        return cls(model, device, **kwargs)
+        return cls(model, device, model_path=model_path, **kwargs)
+
+    def set_runtime(self, runtime: str, model_path: str | Path | None = None,
+                    export_folder: str | Path | None = None) -> None:
+        """Switch to ``runtime`` (see the class arguments); call again after loading another PPN into the model."""
+        self.runtime = None
+        if runtime != "torch":
+            if self.device.type != "cpu":
+                raise ValueError(f"runtime {runtime!r} runs on the CPU; use device 'cpu' or runtime 'torch'")
+            self.runtime = ExportedRuntime.load(self.model, model_path, runtime, export_folder)
 
     # -- steps ------------------------------------------------------------------------------------------------
     def preprocess(self, frame: np.ndarray) -> tuple[Tensor, tuple[int, int]]:
@@ -102,7 +125,8 @@ class Sam2RadPredictor:
     def encode(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, Tensor], list[tuple[int, int]]]:
         """Encode frames in batches; returns batched features and each frame's resized (h, w)."""
         tensors, sizes = zip(*(self.preprocess(f) for f in frames))
-        parts = [self.model.encode(torch.stack(tensors[i:i + self.batch_size]).to(self.device))
+        encode = self.runtime.encode if self.runtime is not None else self.model.encode
+        parts = [encode(torch.stack(tensors[i:i + self.batch_size]).to(self.device))
                  for i in range(0, len(tensors), self.batch_size)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, list(sizes)
 
@@ -138,7 +162,8 @@ class Sam2RadPredictor:
             if mode is not Mode.AUTONOMOUS:
                 batch_prompts = self.to_model_prompts([np.asarray(f).shape[:2] for f in frames[start:stop]],
                                                       [p or FramePrompts() for p in prompts[start:stop]])
-            out = self.model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
+            model = self.runtime if self.runtime is not None and mode is Mode.AUTONOMOUS else self.model
+            out = model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
             for i in range(stop - start):
                 results.append(self._postprocess(out, i, np.asarray(frames[start + i]).shape[:2],
                                                  sizes[start + i], prompts[start + i], mode))

@@ -219,16 +219,21 @@ class Sam2Rad(nn.Module):
             sparse, dense = self._user_prompts(prompts, rows)
         else:
             learned = self._learned_prompts(features)
-            sparse, mask_prompt = learned.pop("sparse"), learned["mask_prompts"]
-            boxed = torch.zeros(rows, dtype=torch.bool, device=sparse.device)
-            if mode is Mode.REFINE:
-                sparse, mask_prompt, boxed = self._edit_learned_prompts(prompts, rows, sparse, mask_prompt)
+            tokens, mask_prompt = learned.pop("tokens"), learned["mask_prompts"]
             out.update({k: v.reshape(batch, classes, *v.shape[1:]) for k, v in learned.items()})
-            if mode is Mode.AUTONOMOUS and (not decode or self.ppn_kind == "dense"):
-                # a dense PPN's mask prompt is its output (it scored above the decoder it prompts on validation)
-                out["logits"] = out["mask_prompts"]
-                out["iou"] = out["objectness"].sigmoid()  # no decoder pass: the presence probability stands in
+            if mode is Mode.AUTONOMOUS:
+                if not decode or self.ppn_kind == "dense":
+                    # a dense PPN's mask prompt is its output (it scored above the decoder it prompts on validation)
+                    out["logits"] = out["mask_prompts"]
+                    out["iou"] = out["objectness"].sigmoid()  # no decoder pass: the presence probability stands in
+                    return out
+                output, logits, iou = self.decode_learned(features, learned["boxes"], tokens, mask_prompt)
+                out["decoder_logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
+                out["logits"] = output.reshape(batch, classes, *output.shape[-2:])
+                out["iou"] = iou.reshape(batch, classes)
                 return out
+            sparse = self.learned_sparse(learned["boxes"], tokens)
+            sparse, mask_prompt, boxed = self._edit_learned_prompts(prompts, rows, sparse, mask_prompt)
             dense = self.backbone.embed_masks(mask_prompt[:, None])
 
         row_features = {k: v.repeat_interleave(classes, dim=0) for k, v in features.items()}
@@ -236,13 +241,13 @@ class Sam2Rad(nn.Module):
         logits, iou = logits[:, 0], iou[:, 0]
         out["decoder_logits"] = logits.reshape(batch, classes, *logits.shape[-2:])
         output = logits
-        if mode is not Mode.MANUAL:
+        if mode is Mode.REFINE:
             if self.fuse_mask_prompt:
                 output = torch.where(boxed.reshape(-1, 1, 1), logits, (logits + mask_prompt) / 2)
             if self.ppn_kind == "dense":  # rows the user left alone keep the autonomous output
                 untouched = ~(boxed | _user_rows(prompts, rows, mask_prompt.device))
                 output = torch.where(untouched.reshape(-1, 1, 1), learned["mask_prompts"], output)
-            if mode is Mode.REFINE and boxed.any() and not self.training:
+            if boxed.any() and not self.training:
                 output, iou = self._defer_to_box(prompts, row_features, boxed, output, iou)
         out["logits"] = output.reshape(batch, classes, *output.shape[-2:])
         out["iou"] = iou.reshape(batch, classes)
@@ -272,19 +277,39 @@ class Sam2Rad(nn.Module):
             if isinstance(module, LoRALinear):
                 module.enabled = enabled
 
-    def _learned_prompts(self, features: Features) -> dict[str, Tensor]:
+    def _learned_prompts(self, features: Features, region_box: bool = True) -> dict[str, Tensor]:
+        """The PPN's prompts per row: ``tokens``, ``boxes``, ``box_fit``, ``mask_prompts`` (R, m, m), ``objectness``
+        (``region_box=False``: no mask-read box, see :class:`~sam2rad_monai.ppn.PromptPredictor`)."""
         bb = self.backbone
         levels = bb.levels(features)
         level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
-        pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0])
-        box_tokens = bb.embed_boxes(pred.boxes * bb.image_size)
-        return {
-            "sparse": torch.cat([box_tokens, pred.tokens], dim=1),  # the box's two tokens first
-            "boxes": pred.boxes,
-            "box_fit": pred.box_fit,
-            "mask_prompts": pred.mask_prompts[:, 0],
-            "objectness": pred.objectness,
-        }
+        pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0], region_box=region_box)
+        learned = {"tokens": pred.tokens, "boxes": pred.boxes, "box_fit": pred.box_fit,
+                   "mask_prompts": pred.mask_prompts[:, 0], "objectness": pred.objectness}
+        return {k: v for k, v in learned.items() if v is not None}
+
+    def learned_sparse(self, boxes: Tensor, tokens: Tensor) -> Tensor:
+        """Sparse prompt (R, 2 + T, 256) of normalised boxes (R, 4) and free tokens (R, T, 256): the box's tokens first."""
+        return torch.cat([self.backbone.embed_boxes(boxes * self.backbone.image_size), tokens], dim=1)
+
+    def decode_learned(self, features: Features, boxes: Tensor, tokens: Tensor, mask_prompts: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """Autonomous mode's decoder pass on learned prompts.
+
+        Args:
+            features: image features (B rows each); the prompts have B x num_classes rows, image-major.
+            boxes: (R, 4) normalised xyxy; tokens: (R, T, 256); mask_prompts: (R, m, m) logits.
+
+        Returns:
+            the output logits (R, m, m) (fused with the mask prompt, see ``fuse_mask_prompt``), the decoder's own
+            logits (R, m, m) and SAM's IoU estimate (R,).
+        """
+        row_features = {k: v.repeat_interleave(self.num_classes, dim=0) for k, v in features.items()}
+        dense = self.backbone.embed_masks(mask_prompts[:, None])
+        logits, iou = self.backbone.decode(row_features, self.learned_sparse(boxes, tokens), dense)
+        logits, iou = logits[:, 0], iou[:, 0]
+        output = (logits + mask_prompts) / 2 if self.fuse_mask_prompt else logits
+        return output, logits, iou
 
     def _edit_learned_prompts(self, prompts: Prompts, rows: int, sparse: Tensor, mask_prompt: Tensor
                               ) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,8 +34,9 @@ class PPNOutput:
     """Per-row predictions of the PPN (R = images x classes, rows ordered image-major)."""
 
     tokens: Tensor  # (R, N - 2, 256) free prompt tokens
-    boxes: Tensor  # (R, 4) the box given to SAM, normalised (x1, y1, x2, y2) in [0, 1] of the padded square input
-    box_fit: Tensor  # (R, 4) the differentiable box the loss trains (``boxes`` itself for ``box_source="query"``)
+    boxes: Tensor | None  # (R, 4) the box given to SAM, normalised (x1, y1, x2, y2) in [0, 1] of the padded square
+    # input; None where it is read off the mask prompt and the caller asked for no region boxes (ONNX export)
+    box_fit: Tensor | None  # (R, 4) the differentiable box the loss trains (``boxes`` itself for ``box_source="query"``)
     mask_prompts: Tensor  # (R, 1, m, m) mask-prompt logits
     objectness: Tensor  # (R,) logits
 
@@ -104,13 +105,16 @@ class PromptPredictor(nn.Module):
             nn.Dropout2d(dropout), nn.Conv2d(mask_head_channels, 1, 1),
         )
 
-    def forward(self, levels: list[Tensor], level_pe: list[Tensor], dense_init: Tensor) -> PPNOutput:
+    def forward(self, levels: list[Tensor], level_pe: list[Tensor], dense_init: Tensor,
+                region_box: bool = True) -> PPNOutput:
         """Predict prompts for every (image, class) row.
 
         Args:
             levels: feature maps, coarse to fine, each (B, C_i, h_i, w_i).
             level_pe: positional encodings matching each level, each (1, 256, h_i, w_i).
             dense_init: (256,) starting value of the dense state (SAM's no-mask embedding).
+            region_box: ``False`` leaves a mask-read box and its fit to the caller (``None``): connected components
+                have no ONNX operator, so an exported graph stops at the mask prompt (:mod:`sam2rad_monai.runtime`).
 
         Returns:
             :class:`PPNOutput` with B x num_classes rows, row ``b * num_classes + c`` = image b, class c.
@@ -139,9 +143,11 @@ class PromptPredictor(nn.Module):
             cx, cy, bw, bh = self.box_head(queries[:, :2].flatten(1)).sigmoid().unbind(-1)
             boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1).clamp(0.0, 1.0)
             box_fit = boxes
-        else:
+        elif region_box:
             box_fit = soft_extents(mask_prompts[:, 0].sigmoid())
             boxes = region_boxes(mask_prompts[:, 0].detach() > 0)
+        else:
+            boxes = box_fit = None
         objectness = self.objectness_head(queries.mean(dim=1)).squeeze(-1)
         return PPNOutput(tokens=queries[:, 2:], boxes=boxes, box_fit=box_fit, mask_prompts=mask_prompts,
                          objectness=objectness)
@@ -228,12 +234,13 @@ class DensePromptPredictor(nn.Module):
         return self.head(x), self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
 
     def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
-                dense_init: Tensor | None = None) -> PPNOutput:
+                dense_init: Tensor | None = None, region_box: bool = True) -> PPNOutput:
         """Predict prompts for every (image, class) row (same contract as :class:`PromptPredictor`).
 
         Args:
             levels: feature maps, coarse first; ``levels[0]`` is (B, D, h, w).
             level_pe, dense_init: unused (the trunk sees coordinates directly).
+            region_box: ``False`` leaves ``boxes`` and ``box_fit`` to the caller (``None``), as for the other PPN.
 
         Returns:
             :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
@@ -252,10 +259,11 @@ class DensePromptPredictor(nn.Module):
             lift = torch.where(objectness > 0, (PEAK_MARGIN - peak).clamp(min=0.0), 0.0)
             logits = logits + lift.reshape(-1, 1, 1, 1)
         mask_prompts = F.interpolate(logits, size=(self.mask_prompt_size,) * 2, mode="bilinear", align_corners=False)
-        boxes = region_boxes(mask_prompts[:, 0].detach() > 0)
-        return PPNOutput(tokens=logits.new_zeros(logits.shape[0], 0, 256), boxes=boxes,
-                         box_fit=soft_extents(mask_prompts[:, 0].sigmoid()), mask_prompts=mask_prompts,
-                         objectness=objectness)
+        boxes = box_fit = None
+        if region_box:
+            boxes, box_fit = region_boxes(mask_prompts[:, 0].detach() > 0), soft_extents(mask_prompts[:, 0].sigmoid())
+        return PPNOutput(tokens=logits.new_zeros(logits.shape[0], 0, 256), boxes=boxes, box_fit=box_fit,
+                         mask_prompts=mask_prompts, objectness=objectness)
 
 
 def soft_extents(probs: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from ..backbones import Backbone
+from ..backbones import Backbone, Features
 from ..transforms import augment_view, augmentation_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,16 @@ class FeatureCache:
             docs/BENCHMARKS.md "Encoder runtimes"), else 8.
         rotate_degrees, vertical_flip: the augmentation's rotation range and vertical flip
             (:func:`~sam2rad_monai.transforms.augmentation_transforms`).
+        encoder: what encodes images (B, 3, S, S) into features; default ``backbone.encode``. An exported runtime's
+            ``encode`` (:func:`~sam2rad_monai.runtime.cache_encoder`) computes the same fp32 features to well within
+            the fp16 the entries are stored in, so its entries share the PyTorch ones' keys.
     """
 
     def __init__(self, cache_dir: str | Path, backbone: Backbone, num_classes: int, seed: int = 0,
                  aug_prob: float = 0.5, batch_size: int | None = None, rotate_degrees: float = 90.0,
-                 vertical_flip: bool = True) -> None:
+                 vertical_flip: bool = True, encoder: Callable[[torch.Tensor], Features] | None = None) -> None:
         self.backbone = backbone
+        self.encoder = encoder or backbone.encode
         self.num_classes = num_classes
         self.seed = seed
         self.aug_prob = aug_prob
@@ -101,7 +105,8 @@ class FeatureCache:
         base: dict[str, dict[str, Any]] = {}
         batch = self.batch_size
         if batch is None:  # the backbone may have moved to its device after this cache was built
-            batch = 1 if all(p.device.type == "cpu" for p in self.backbone.parameters()) else 8
+            on_cpu = all(p.device.type == "cpu" for p in self.backbone.parameters())
+            batch = 1 if on_cpu or self.encoder != self.backbone.encode else 8
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             samples = []
@@ -118,7 +123,9 @@ class FeatureCache:
                                             num_classes=self.num_classes, transform=self.augment))
             # plain tensors: MetaTensor metadata must not reach the encoder outputs or the cache files
             images = torch.stack([convert_to_tensor(s["image"], track_meta=False).float() for s in samples])
-            features = self.backbone.encode(images)
+            if self.encoder == self.backbone.encode:
+                images = images.to(next(self.backbone.parameters()).device)
+            features = self.encoder(images)
             for i, ((item, view), sample) in enumerate(zip(chunk, samples)):
                 entry = {
                     "features": {k: v[i].to(torch.float16).clone() for k, v in features.items()},

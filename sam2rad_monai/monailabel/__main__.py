@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", help="litemedsam (default), sam or sam2")
     parser.add_argument("--backbone_variant")
     parser.add_argument("--checkpoint", help="backbone weights file (sam / sam2)")
+    parser.add_argument("--runtime", help="torch (default), onnx or openvino: the exported CPU runtime for "
+                                          "autonomous inference (its extra must be installed)")
     parser.add_argument("--app_path", action="store_true", help="print the app folder and exit")
     args, extra = parser.parse_known_args(argv)
     if args.app_path:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("MONAI Label is not installed: install the project with its 'label' extra")
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", args.studies, "--host", args.host,
            "--port", str(args.port)]
-    for key in ("model_path", "class_names", "backbone", "backbone_variant", "checkpoint"):
+    for key in ("model_path", "class_names", "backbone", "backbone_variant", "checkpoint", "runtime"):
         if getattr(args, key):
             cmd += ["--conf", key, str(getattr(args, key))]
     cmd += [a for a in extra if a != "--"]

@@ -29,6 +29,7 @@ from ..batch_inference import read_frames
 from ..inference import FramePrompts, Prediction, Sam2RadPredictor
 from ..io import write_nifti
 from ..io.atomic import atomic_write_path
+from ..runtime import check_runtime
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "bundle" / "models" / "model.pt"
@@ -45,6 +46,7 @@ class AppSettings:
     checkpoint: str | None = None  # backbone weights file (sam / sam2)
     cache_dir: Path | None = None
     device: str = "cpu"
+    runtime: str = "torch"  # or an exported CPU runtime, "onnx" / "openvino" (sam2rad_monai.runtime)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -58,7 +60,7 @@ class AppSettings:
         cache = conf.get("cache_dir") or Path(model).parent / "cache"
         device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(Path(model), names, conf.get("backbone", "litemedsam"), conf.get("backbone_variant"),
-                   conf.get("checkpoint"), Path(cache), device)
+                   conf.get("checkpoint"), Path(cache), device, check_runtime(conf.get("runtime", "torch")))
 
 
 class ModelHolder:
@@ -90,6 +92,8 @@ class ModelHolder:
                 from ..backbones import read_state_dict
 
                 self._predictor.model.load_ppn_state_dict(read_state_dict(self.settings.model_path))
+                # the exported graphs hold the PPN: re-checked (and re-exported) for every model file
+                self._predictor.set_runtime(self.settings.runtime, self.settings.model_path)
                 self._stamp = stamp
                 logger.info("loaded %s", self.settings.model_path)
             return self._predictor
