@@ -1,8 +1,7 @@
 """The frozen LiteMedSAM image encoder under each CPU runtime: seconds per image and agreement with PyTorch.
 
-    uv run --with onnxruntime --with openvino --with "onnx<1.18" --with "ml_dtypes<0.5" \\
-        python benchmarks/encoder_runtimes.py --output \\
-        benchmarks/results/encoder_runtimes.json
+    uv sync --frozen --all-extras
+    uv run python benchmarks/encoder_runtimes.py --output benchmarks/results/encoder_runtimes.json
 
 Runtimes (each one skipped, with the reason printed, when its package is missing): PyTorch eager fp32 at batch 1
 and at the feature cache's batch of 8, PyTorch with bf16 autocast, ONNX Runtime fp32, and OpenVINO at fp32 and at

@@ -39,7 +39,7 @@ from .ppn import region_boxes
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx", "openvino")
+RUNTIMES = ("torch", "onnx", "openvino", "openvino-bf16")
 OPSET = 17
 FORMAT_VERSION = 1
 
@@ -63,12 +63,13 @@ def check_runtime(runtime: str) -> str:
 
 
 def _engine_module(runtime: str):
-    package = {"onnx": "onnxruntime", "openvino": "openvino"}[runtime]
+    extra = runtime.split("-")[0]
+    package = {"onnx": "onnxruntime", "openvino": "openvino"}[extra]
     try:
         return __import__(package)
     except ImportError as err:
         raise ImportError(f"runtime {runtime!r} needs the {package} package, which is not installed: "
-                          f"{install_hint(runtime)}") from err
+                          f"{install_hint(extra)}") from err
 
 
 def _session(runtime: str, path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
@@ -80,8 +81,10 @@ def _session(runtime: str, path: Path, threads: int) -> Callable[[dict[str, np.n
         options.log_severity_level = 3  # warnings about unused constant initialisers are noise
         session = engine.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda feeds: session.run(None, feeds)
-    # fp32 precision: OpenVINO's CPU default is bf16 where the CPU has it, which moves the outputs
-    compiled = engine.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+    # OpenVINO's CPU default is bf16 where the CPU has it (AMX or AVX-512 BF16), which moves the outputs: fp32 unless
+    # asked for; a CPU without bf16 units runs "openvino-bf16" in fp32
+    precision = "bf16" if runtime == "openvino-bf16" else "f32"
+    compiled = engine.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                               "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
     return lambda feeds: [np.array(v) for v in request.infer(feeds).values()]
@@ -254,7 +257,7 @@ class ExportedRuntime:
     def __init__(self, folder: Path, num_classes: int, feature_keys: tuple[str, ...], runtime: str = "onnx",
                  threads: int | None = None) -> None:
         if runtime == "torch" or runtime not in RUNTIMES:
-            raise ValueError(f"an exported runtime is 'onnx' or 'openvino', got {runtime!r}")
+            raise ValueError(f"an exported runtime is one of {RUNTIMES[1:]}, got {runtime!r}")
         record = json.loads((folder / "manifest.json").read_text())
         threads = threads or torch.get_num_threads()
         self.sessions = {role: _session(runtime, folder / entry["name"], threads)

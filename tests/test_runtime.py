@@ -10,6 +10,8 @@ from __future__ import annotations
 import builtins
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +136,35 @@ def test_feature_cache_fills_through_the_exported_encoder(exported, tmp_path):
     difference = (reference["features"]["embed"].float() - entry["features"]["embed"].float()).abs()
     assert difference.max() <= 1e-3 and (difference > 0).float().mean() < 0.05
     assert len(list((tmp_path / "onnx").glob("litemedsam-encoder-*/encoder.onnx"))) == 1
+
+
+@pytest.mark.slow
+def test_bundle_export_run_then_dicom_to_seg_on_the_onnx_runtime(exported, tmp_path):
+    """The documented commands: ``monai.bundle run export``, then inference with ``--runtime onnx`` on a DICOM
+    series; the SEG holds the label maps the PyTorch predictor gives for the same frames."""
+    from sam2rad_monai.batch_inference import read_frames
+    from sam2rad_monai.io import png_frames_to_dicom_series, read_dicom_seg_labelmap
+
+    _, torch_predictor = exported
+    model_path = tmp_path / "models" / "model.pt"
+    model_path.parent.mkdir()
+    shutil.copy(BUNDLE / "models" / "model.pt", model_path)
+    series, pngs = tmp_path / "series", sorted((SAMPLE / "images").glob("*.png"))[:2]
+    png_frames_to_dicom_series(pngs, series)
+
+    def bundle(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, "--config_file",
+                               "configs/inference.json", "--model_path", str(model_path)],
+                              cwd=BUNDLE, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    assert f"exported to {export_dir(model_path)}" in bundle("export").stdout
+    digest = json.loads((export_dir(model_path) / "manifest.json").read_text())["files"]["encoder"]["sha256"]
+    bundle("--runtime", "onnx", "--input", str(series), "--output_format", "dicomseg", "--output_dir",
+           str(tmp_path / "out"))
+    # inference used the export as it was (not rebuilt), and segmented as PyTorch does
+    assert json.loads((export_dir(model_path) / "manifest.json").read_text())["files"]["encoder"]["sha256"] == digest
+    seg = read_dicom_seg_labelmap(tmp_path / "out" / "series_seg.dcm", 2)
+    expected = [p.label_map for p in torch_predictor.predict([read_frames(png)[0] for png in pngs])]
+    np.testing.assert_array_equal(seg, np.stack(expected))
