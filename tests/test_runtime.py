@@ -68,6 +68,22 @@ def test_exported_runtime_gives_pytorch_label_maps(exported, runtime):
                                   torch_predictor.predict(frames[:1], "refine", prompts)[0].label_map)
 
 
+def test_openvino_bf16_is_a_close_reduced_precision_option(exported):
+    """bf16 moves the embedding by a few percent of its range (fp32 on a CPU without bf16 units), so its masks are
+    close to PyTorch's but not equal; the same export serves it."""
+    pytest.importorskip("openvino", reason="the 'openvino' extra is not installed")
+    model_path, torch_predictor = exported
+    fast = Sam2RadPredictor(torch_predictor.model, runtime="openvino-bf16", model_path=model_path)
+    frames = _frames(3)
+    overlaps = []
+    for ref, got in zip(torch_predictor.predict(frames), fast.predict(frames)):
+        for label in (1, 2):
+            a, b = ref.label_map == label, got.label_map == label
+            if a.any() or b.any():
+                overlaps.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert overlaps and np.mean(overlaps) > 0.8
+
+
 def test_stale_export_is_refused_or_rebuilt(exported, tmp_path):
     from sam2rad_monai.runtime import ExportedRuntime
 
