@@ -120,19 +120,20 @@ class Sam2Rad(nn.Module):
         if lora_rank > 0:
             add_lora(backbone.mask_decoder, lora_rank)
 
-    def _build_ppn(self, kind: str) -> None:
+    def _build_ppn(self, kind: str, neighbours: int = 20) -> None:
         if kind not in ("attention", "dense"):
             raise ValueError(f"ppn must be 'attention' or 'dense', got {kind!r}")
         bb, kw = self.backbone, self._ppn_kwargs
         if kind == "dense":
-            ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"])
+            ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"],
+                                       neighbours=neighbours)
         else:
             ppn = PromptPredictor(self.num_classes, kw["num_tokens"], bb.level_channels, bb.mask_prompt_size,
                                   depth=kw["depth"], num_heads=kw["num_heads"], mlp_dim=kw["mlp_dim"],
                                   mask_head_channels=kw["mask_head_channels"], dropout=kw["dropout"],
                                   box_source=kw["box_source"])
         device = next(bb.parameters()).device
-        self.ppn, self.ppn_kind = ppn.to(device), kind
+        self.ppn, self.ppn_kind = ppn.to(device).train(self.training), kind
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.backbone.named_parameters() if "lora_" in n]
@@ -161,7 +162,9 @@ class Sam2Rad(nn.Module):
         """
         kind = "dense" if "ppn.prototypes" in state else "attention"
         previous = (self.ppn, self.ppn_kind)
-        if kind != self.ppn_kind:
+        if kind == "dense" and ("ppn.bank" in state) != bool(getattr(self.ppn, "neighbours", True)):
+            self._build_ppn(kind, neighbours=20 if "ppn.bank" in state else 0)  # dense model files before 0.5: no bank
+        elif kind != self.ppn_kind:
             self._build_ppn(kind)
         rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
         # adopt the rank only for a checkpoint that otherwise matches, so a refused one leaves the model as it was
@@ -170,12 +173,15 @@ class Sam2Rad(nn.Module):
             self.lora_rank = rank
         own = self.ppn_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        banks = {f"ppn.{name}" for name in ("bank", "bank_class", "bank_source")}  # sized by the labelled frames
+        resized = sorted(k for k in set(own) & set(state) - banks if own[k].shape != state[k].shape)
         if missing or unexpected or resized:
             self.ppn, self.ppn_kind = previous
             raise KeyError(f"Sam2Rad checkpoint does not match this model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}, other shape {resized[:3]} "
                            "(check num_classes, num_tokens, lora_rank and box_source)")
+        for key in banks & set(state):
+            setattr(self.ppn, key[len("ppn."):], torch.empty_like(state[key], device=self.ppn.prototypes.device))
         self.load_state_dict(state, strict=False)
 
     def encode(self, images: Tensor) -> Features:
@@ -210,7 +216,9 @@ class Sam2Rad(nn.Module):
             raise ValueError(f"{mode.value} mode needs user prompts (boxes, points or masks)")
         self._set_lora(mode is not Mode.MANUAL)
         features = inputs if isinstance(inputs, dict) else self.backbone.encode(inputs)
-        features = {k: v.float() for k, v in features.items()}  # cached features are stored in fp16
+        # cached features are fp16; "neighbours" are a dense PPN's precomputed neighbour maps of training rows
+        neighbours = features.get("neighbours")
+        features = {k: v.float() for k, v in features.items() if k != "neighbours"}
         batch, classes = features["embed"].shape[0], self.num_classes
         rows = batch * classes
         out: dict[str, Tensor] = {}
@@ -218,7 +226,7 @@ class Sam2Rad(nn.Module):
         if mode is Mode.MANUAL:
             sparse, dense = self._user_prompts(prompts, rows)
         else:
-            learned = self._learned_prompts(features)
+            learned = self._learned_prompts(features, neighbours=neighbours)
             tokens, mask_prompt = learned.pop("tokens"), learned["mask_prompts"]
             out.update({k: v.reshape(batch, classes, *v.shape[1:]) for k, v in learned.items()})
             if mode is Mode.AUTONOMOUS:
@@ -277,13 +285,16 @@ class Sam2Rad(nn.Module):
             if isinstance(module, LoRALinear):
                 module.enabled = enabled
 
-    def _learned_prompts(self, features: Features, region_box: bool = True) -> dict[str, Tensor]:
+    def _learned_prompts(self, features: Features, region_box: bool = True, neighbours: Tensor | None = None
+                         ) -> dict[str, Tensor]:
         """The PPN's prompts per row: ``tokens``, ``boxes``, ``box_fit``, ``mask_prompts`` (R, m, m), ``objectness``
-        (``region_box=False``: no mask-read box, see :class:`~sam2rad_monai.ppn.PromptPredictor`)."""
+        (``region_box=False``: no mask-read box, see :class:`~sam2rad_monai.ppn.PromptPredictor`; ``neighbours``:
+        a dense PPN's precomputed neighbour maps, :meth:`~sam2rad_monai.ppn.DensePromptPredictor.forward`)."""
         bb = self.backbone
         levels = bb.levels(features)
         level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
-        pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0], region_box=region_box)
+        extra = {"neighbours": neighbours.float()} if neighbours is not None and self.ppn_kind == "dense" else {}
+        pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0], region_box=region_box, **extra)
         learned = {"tokens": pred.tokens, "boxes": pred.boxes, "box_fit": pred.box_fit,
                    "mask_prompts": pred.mask_prompts[:, 0], "objectness": pred.objectness}
         return {k: v for k, v in learned.items() if v is not None}

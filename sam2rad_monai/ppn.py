@@ -158,8 +158,13 @@ class DensePromptPredictor(nn.Module):
     prompt in one pass; the box is read off it, and a pooled head gives the objectness.
 
     Inputs per pixel: the (normalised) embedding, its cosine similarity to per-class and background prototypes of
-    the labelled frames (PerSAM / SurgicalSAM's training-free prior, :meth:`set_prototypes`; zero until set) and two
-    coordinate channels. It has no free prompt tokens, so it can be trained on cached embeddings alone with no
+    the labelled frames (PerSAM / SurgicalSAM's training-free prior, :meth:`set_prototypes`; zero until set), its
+    mean similarity to its ``neighbours`` nearest labelled pixels of each class and of the background (a bank of
+    the labelled frames' pixel embeddings: the dense matching of few-shot segmentation, which keeps the several
+    looks of a class that one mean prototype averages away) and two coordinate channels. In training, a row never
+    matches the pixels of its own frame (the maps are computed once per cached view, leaving that frame out:
+    :class:`~sam2rad_monai.engine.handlers.SetPrototypes`), so the trunk learns how far a match to an unseen frame
+    goes. It has no free prompt tokens, so it can be trained on cached embeddings alone with no
     decoder pass (the cheap step), and its prompts are what a box-prompted SAM expects: a box and a mask prompt.
     Only the coarsest feature level is read (SAM2's high-resolution levels serve the decoder).
 
@@ -170,6 +175,8 @@ class DensePromptPredictor(nn.Module):
         channels: width of the convolutional trunk.
         dilations: one residual 3 x 3 block per entry, with that dilation (the receptive field spans the grid).
         dropout: channel dropout in each block.
+        neighbours: nearest bank pixels averaged per class; 0 leaves the bank out (model files before bundle 0.5).
+        bank_size: most bank pixels kept per class and for the background (a seeded random subset).
         mirror: at evaluation, average with the prediction on the left-right mirrored embedding (nnU-Net's test-time
             mirroring; training sees such mirrored embeddings through ``feature_flip_prob``).
     """
@@ -178,15 +185,22 @@ class DensePromptPredictor(nn.Module):
 
     def __init__(self, num_classes: int, level_channels: tuple[int, ...] = (256,), mask_prompt_size: int = 256,
                  channels: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1,
-                 mirror: bool = True) -> None:
+                 neighbours: int = 20, bank_size: int = 2048, mirror: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.mirror = mirror
+        self.neighbours = neighbours
+        self.bank_size = bank_size
         self.mask_prompt_size = mask_prompt_size
         embed = level_channels[0]
         self.norm = LayerNorm2d(embed)
         self.register_buffer("prototypes", torch.zeros(num_classes + 1, embed))
-        self.stem = nn.Sequential(nn.Conv2d(embed + num_classes + 1 + 2, channels, 1), nn.GroupNorm(8, channels),
+        if neighbours:  # pixel embeddings (unit norm), their class (0 = background) and training image
+            self.register_buffer("bank", torch.zeros(0, embed))
+            self.register_buffer("bank_class", torch.zeros(0, dtype=torch.long))
+            self.register_buffer("bank_source", torch.zeros(0, dtype=torch.long))
+        similarities = (num_classes + 1) * (2 if neighbours else 1)
+        self.stem = nn.Sequential(nn.Conv2d(embed + similarities + 2, channels, 1), nn.GroupNorm(8, channels),
                                   nn.GELU())
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 3, padding=d, dilation=d), nn.GroupNorm(8, channels),
@@ -201,57 +215,107 @@ class DensePromptPredictor(nn.Module):
 
     @torch.no_grad()
     def set_prototypes(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
-        """Per-class and background prototypes: the mean unit-norm embedding under each class's masks.
+        """Per-class and background prototypes (the mean unit-norm embedding under each class's masks) and the
+        neighbour bank (the unit-norm embeddings of pixels mostly inside one class, or the background).
 
         Args:
             batches: pairs of frozen embeddings (N, D, h, w) of labelled frames and their binary class masks
-                (N, C, H, W) (area-resized to h x w); the background is where no class is.
+                (N, C, H, W) (area-resized to h x w); the background is where no class is. Frames are numbered in
+                the order they come (the training dataset's indices, which training rows give as ``source``).
         """
-        sums, weight = 0.0, 0.0
+        sums, weight, pixels, classes, sources, count = 0.0, 0.0, [], [], [], 0
         for embeddings, masks in batches:
             weights = F.interpolate(masks.float(), size=embeddings.shape[-2:], mode="area")
             weights = torch.cat([(1.0 - weights.sum(1, keepdim=True)).clamp(min=0.0), weights], dim=1)
-            sums = sums + torch.einsum("nkhw,ndhw->kd", weights, F.normalize(embeddings.float(), dim=1))
+            unit = F.normalize(embeddings.float(), dim=1)
+            sums = sums + torch.einsum("nkhw,ndhw->kd", weights, unit)
             weight = weight + weights.sum((0, 2, 3))
+            n, k, y, x = torch.nonzero(weights > 0.5, as_tuple=True)
+            pixels.append(unit[n, :, y, x])
+            classes.append(k)
+            sources.append(n + count)
+            count += embeddings.shape[0]
         if isinstance(sums, float):
             raise ValueError("set_prototypes needs at least one labelled frame")
         self.prototypes.copy_(sums / weight[:, None].clamp(min=1e-6))
+        if self.neighbours:
+            pixels, classes, sources = torch.cat(pixels), torch.cat(classes), torch.cat(sources)
+            generator = torch.Generator().manual_seed(0)  # the same frames give the same bank
+            keep = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:self.bank_size].sort().values]
+                              for idx in (torch.nonzero(classes == k).flatten().cpu()
+                                          for k in range(self.num_classes + 1))])
+            self.bank = pixels[keep].to(self.prototypes)
+            self.bank_class, self.bank_source = classes[keep].to(self.bank_class), sources[keep].to(self.bank_class)
 
-    def inputs(self, embed: Tensor) -> Tensor:
-        """The trunk's input (B, D + C + 1 + 2, h, w): normalised embedding, prototype similarities, coordinates."""
+    def neighbour_similarity(self, unit: Tensor, source: Tensor | None = None) -> Tensor:
+        """Mean cosine similarity (B, C + 1, h, w) of unit-norm embeddings (B, D, h, w) to their ``neighbours``
+        nearest bank pixels of the background and each class; ``source`` (B,) leaves out each row's own frame."""
+        batch, _, h, w = unit.shape
+        out = unit.new_zeros(batch, self.num_classes + 1, h, w)
+        flat = unit.flatten(2).transpose(1, 2)  # (B, hw, D)
+        for k in range(self.num_classes + 1):
+            member = self.bank_class == k
+            bank, bank_source = self.bank[member].to(unit.dtype), self.bank_source[member]
+            if bank.shape[0] == 0:
+                continue
+            for b in range(batch):  # one image at a time bounds the (hw, bank) similarity matrix
+                sims = flat[b] @ bank.T
+                if source is not None:
+                    sims = sims.masked_fill(bank_source == source[b], -1.0)
+                top = sims.topk(min(self.neighbours, bank.shape[0]), dim=1).values.mean(1)
+                out[b, k] = top.reshape(h, w)
+        return out
+
+    def inputs(self, embed: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """The trunk's input (B, D + (C + 1) x 2 + 2, h, w): normalised embedding, prototype and neighbour
+        similarities (``neighbours``, computed here when not given; none when ``neighbours`` is 0), coordinates."""
         batch, _, h, w = embed.shape
-        similarity = torch.einsum("bdhw,kd->bkhw", F.normalize(embed, dim=1), F.normalize(self.prototypes, dim=1))
+        unit = F.normalize(embed, dim=1)
+        similarity = torch.einsum("bdhw,kd->bkhw", unit, F.normalize(self.prototypes, dim=1))
+        if self.neighbours:
+            if neighbours is None:
+                with torch.no_grad():  # the frozen embedding and the bank carry no gradient
+                    neighbours = self.neighbour_similarity(unit)
+            similarity = torch.cat([similarity, neighbours.to(embed.dtype)], dim=1)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=embed.device),
                                 torch.linspace(-1, 1, w, device=embed.device), indexing="ij")
         coords = torch.stack([xs, ys]).to(embed.dtype).expand(batch, -1, -1, -1)
         return torch.cat([self.norm(embed), similarity.to(embed.dtype), coords], dim=1)
 
-    def _predict(self, embed: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, embed: Tensor, neighbours: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mask-prompt logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w)."""
-        x = self.stem(self.inputs(embed))
+        x = self.stem(self.inputs(embed, neighbours))
         for block in self.blocks:
             x = x + block(x)
         return self.head(x), self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
 
     def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
-                dense_init: Tensor | None = None, region_box: bool = True) -> PPNOutput:
+                dense_init: Tensor | None = None, region_box: bool = True, neighbours: Tensor | None = None
+                ) -> PPNOutput:
         """Predict prompts for every (image, class) row (same contract as :class:`PromptPredictor`).
 
         Args:
             levels: feature maps, coarse first; ``levels[0]`` is (B, D, h, w).
             level_pe, dense_init: unused (the trunk sees coordinates directly).
             region_box: ``False`` leaves ``boxes`` and ``box_fit`` to the caller (``None``), as for the other PPN.
+            neighbours: (B, C + 1, h, w) precomputed :meth:`neighbour_similarity` maps (training rows, with their own
+                frame left out); computed here when ``None``.
 
         Returns:
             :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
         """
         embed = levels[0]
+        if neighbours is None and self.neighbours:
+            with torch.no_grad():
+                neighbours = self.neighbour_similarity(F.normalize(embed, dim=1))
         if not self.training and self.mirror:  # one trunk pass over the embedding and its mirror image
-            logits, objectness = self._predict(torch.cat([embed, embed.flip(-1)]))
+            # the neighbour maps are per pixel, so the mirror's maps are the maps mirrored
+            maps = torch.cat([neighbours, neighbours.flip(-1)]) if neighbours is not None else None
+            logits, objectness = self._predict(torch.cat([embed, embed.flip(-1)]), maps)
             plain, mirrored = logits.chunk(2)
             logits, objectness = (plain + mirrored.flip(-1)) / 2, objectness.reshape(2, -1, self.num_classes).mean(0)
         else:
-            logits, objectness = self._predict(embed)
+            logits, objectness = self._predict(embed, neighbours)
         logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
         if not self.training:
             # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))

@@ -67,6 +67,7 @@ def test_autonomous_output_is_the_mask_prompt_and_a_present_class_keeps_its_peak
     model = _model().eval()
     model.ppn.mirror = False  # the peak rule alone (mirroring has its own test)
     with torch.no_grad():
+        model.ppn.head.weight.zero_()  # a flat map, so upsampling keeps its peak
         model.ppn.head.bias.fill_(-20.0)  # every pixel far below 0
         model.ppn.objectness_head.bias.copy_(torch.tensor([5.0, -5.0]))  # class 1 present, class 2 absent
         features = model.encode(torch.randn(1, 3, 64, 64))
@@ -134,3 +135,44 @@ def test_mirroring_at_evaluation_is_symmetric_and_off_in_training():
     torch.manual_seed(0)
     b = model.ppn([embed]).mask_prompts
     assert torch.equal(a, b), "training never mirrors"
+
+
+def test_neighbour_bank_matches_labelled_pixels_and_leaves_out_a_rows_own_frame():
+    torch.manual_seed(0)
+    ppn = DensePromptPredictor(num_classes=2, level_channels=(8,), mask_prompt_size=16, neighbours=1)
+    embed = torch.randn(2, 8, 4, 4)
+    masks = torch.zeros(2, 2, 16, 16)
+    masks[:, 0, :8, :8] = 1  # class 1: the top-left 2 x 2 embedding pixels of both frames
+    masks[0, 1, 8:, 8:] = 1  # class 2: frame 0 only
+    ppn.set_prototypes([(embed, masks)])
+    assert ppn.bank_class.bincount(minlength=3).tolist() == [32 - 4 - 4 - 4, 8, 4]
+    assert torch.equal(ppn.bank_source[ppn.bank_class == 2], torch.zeros(4, dtype=torch.long))
+    unit = torch.nn.functional.normalize(embed, dim=1)
+    own = ppn.neighbour_similarity(unit)
+    assert torch.allclose(own[:, 1, :2, :2], torch.ones(2, 2, 2)), "a labelled pixel's nearest neighbour is itself"
+    held_out = ppn.neighbour_similarity(unit, source=torch.tensor([0, 1]))
+    other = unit[1, :, :2, :2].flatten(1)  # frame 0's class-1 pixels may only match frame 1's
+    expected = (unit[0].flatten(1).T @ other).amax(1).reshape(4, 4)
+    assert torch.allclose(held_out[0, 1], expected, atol=1e-6)
+    assert (held_out[0, 2] == -1).all(), "class 2 is only in frame 0, so a frame-0 row matches none of it"
+    assert torch.equal(ppn.inputs(embed)[:, 11:14], own), "the neighbour maps follow the prototype similarities"
+
+
+def test_a_model_file_carries_its_neighbour_bank_and_older_dense_files_load():
+    dense = _model().eval()
+    with torch.no_grad():
+        embed = dense.backbone.levels(dense.encode(torch.randn(2, 3, 64, 64)))[0]
+        dense.ppn.set_prototypes([(embed, _targets()["masks"])])
+        expected = dense.ppn([embed]).mask_prompts
+    state = dense.ppn_state_dict()
+    assert state["ppn.bank"].shape[0] == dense.ppn.bank.shape[0] > 0
+    other = Sam2Rad(dense.backbone, num_classes=2).eval()
+    other.load_ppn_state_dict(state)
+    assert torch.equal(other.ppn.bank, dense.ppn.bank) and torch.equal(other.ppn.bank_source, dense.ppn.bank_source)
+    with torch.no_grad():
+        assert torch.allclose(other.ppn([embed]).mask_prompts, expected)
+    older = _model()
+    older._build_ppn("dense", neighbours=0)  # the layout of dense model files before the bank
+    fresh = Sam2Rad(dense.backbone, num_classes=2, ppn="dense")
+    fresh.load_ppn_state_dict(older.ppn_state_dict())
+    assert fresh.ppn.neighbours == 0 and "ppn.bank" not in fresh.ppn_state_dict()

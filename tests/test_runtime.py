@@ -68,6 +68,36 @@ def test_exported_runtime_gives_pytorch_label_maps(exported, runtime):
                                   torch_predictor.predict(frames[:1], "refine", prompts)[0].label_map)
 
 
+def test_a_dense_ppn_with_its_neighbour_bank_exports_to_the_same_label_maps(exported, tmp_path):
+    """The few-shot PPN (its neighbour search over the labelled frames' bank inside the graph) on ONNX Runtime."""
+    from sam2rad_monai.model import Sam2Rad
+
+    backbone = exported[1].model.backbone
+    torch.manual_seed(0)
+    model = Sam2Rad(backbone, num_classes=2, ppn="dense").eval()
+    labelled = sorted((SAMPLE / "masks").glob("*.png"))[:4]
+    predictor = Sam2RadPredictor(model)
+    features, sizes = predictor.encode(_frames(4))
+    side = backbone.image_size
+    masks = torch.zeros(4, 2, side, side)
+    for i, (path, (h, w)) in enumerate(zip(labelled, sizes)):  # resized like its frame, padded bottom-right
+        label = torch.as_tensor(np.asarray(Image.open(path)).astype(np.int64))
+        masks[i, :, :h, :w] = torch.nn.functional.interpolate(
+            torch.stack([label == 1, label == 2])[None].float(), size=(h, w), mode="nearest")[0]
+    assert masks.sum((2, 3)).gt(0).any(0).all(), "both classes are in the bank's frames"
+    model.ppn.set_prototypes([(features["embed"], masks)])
+    assert model.ppn.bank.shape[0] > 0
+    model_path = tmp_path / "dense.pt"
+    torch.save(model.ppn_state_dict(), model_path)
+    reference = Sam2RadPredictor.from_checkpoint(model_path, 2, backbone=backbone)
+    fast = Sam2RadPredictor(reference.model, runtime="onnx", model_path=model_path)
+    frames = _frames(6)[4:]  # frames outside the bank
+    for ref, got in zip(reference.predict(frames), fast.predict(frames)):
+        assert ref.label_map.any()
+        np.testing.assert_array_equal(got.label_map, ref.label_map)
+        np.testing.assert_allclose(got.logits, ref.logits, atol=1e-3)
+
+
 def test_openvino_bf16_is_a_close_reduced_precision_option(exported):
     """bf16 moves the embedding by a few percent of its range (fp32 on a CPU without bf16 units), so its masks are
     close to PyTorch's but not equal; the same export serves it."""

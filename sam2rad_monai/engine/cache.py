@@ -143,6 +143,8 @@ class CachedFeatureDataset(Dataset):
     """Training samples read from a :class:`FeatureCache`: each access picks one of the image's cached views.
 
     Items are ``{"features": {name: fp16 tensor}, "masks": (C, S, S), "boxes": (C, 4), "present": (C,), "id"}``.
+    Per-view maps set in :attr:`view_maps` (``{(index, view): (K, h, w)}``, a dense PPN's neighbour similarities,
+    which depend on the training set and not on the image alone) join the features under ``"neighbours"``.
 
     Args:
         data: MONAI datalist entries ``{"image", "label", "id"}``.
@@ -166,6 +168,7 @@ class CachedFeatureDataset(Dataset):
         self.num_views = num_views
         self.random_view = random_view
         self.flip_prob = flip_prob if random_view else 0.0
+        self.view_maps: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -196,6 +199,8 @@ class CachedFeatureDataset(Dataset):
         label = entry["label"]
         masks = torch.stack([label == k for k in range(1, self.cache.num_classes + 1)]).float()
         features, boxes = entry["features"], entry["boxes"]
+        if (index, view) in self.view_maps:
+            features = {**features, "neighbours": self.view_maps[(index, view)]}
         if self.flip_prob and torch.rand(()) < self.flip_prob:
             features = {k: v.flip(-1) for k, v in features.items()}
             masks = masks.flip(-1)

@@ -177,8 +177,10 @@ class PrepareCache:
 
 
 class SetPrototypes:
-    """Set a dense PPN's class prototypes (:meth:`~sam2rad_monai.ppn.DensePromptPredictor.set_prototypes`) from the
-    un-augmented view of every training image when training starts; nothing for the attention PPN.
+    """Set a dense PPN's class prototypes and neighbour bank
+    (:meth:`~sam2rad_monai.ppn.DensePromptPredictor.set_prototypes`) from the un-augmented view of every training image when training starts, then the neighbour maps of every
+    cached training view with its own frame left out (computed once here, where a step would pay for them each
+    time); nothing for the attention PPN.
 
     Attach it after :class:`PrepareCache` (it reads the cache) and before :class:`ResumeCheckpoint`.
 
@@ -212,6 +214,16 @@ class SetPrototypes:
 
         ppn.set_prototypes(batches())
         logger.info("dense PPN prototypes set from %d training images", len(self.dataset.data))
+        if not getattr(ppn, "neighbours", 0):
+            return
+        device = ppn.prototypes.device
+        with torch.no_grad():
+            for index, item in enumerate(self.dataset.data):
+                for view in self.dataset.views():
+                    embed = cache.load(item, view)["features"]["embed"][None].to(device).float()
+                    maps = ppn.neighbour_similarity(F.normalize(embed, dim=1), torch.tensor([index], device=device))
+                    self.dataset.view_maps[(index, view)] = maps[0].to(torch.float16).cpu()
+        logger.info("dense PPN neighbour maps set for %d cached views", len(self.dataset.view_maps))
 
 
 class ProgressBarHandler:
