@@ -120,13 +120,13 @@ class Sam2Rad(nn.Module):
         if lora_rank > 0:
             add_lora(backbone.mask_decoder, lora_rank)
 
-    def _build_ppn(self, kind: str, neighbours: int = 20) -> None:
+    def _build_ppn(self, kind: str, bank: bool = True) -> None:
         if kind not in ("attention", "dense"):
             raise ValueError(f"ppn must be 'attention' or 'dense', got {kind!r}")
         bb, kw = self.backbone, self._ppn_kwargs
-        if kind == "dense":
+        if kind == "dense":  # bank=False: the layout of dense model files before bundle 0.5 (no neighbour maps)
             ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"],
-                                       neighbours=neighbours)
+                                       **({} if bank else {"neighbours": 0}))
         else:
             ppn = PromptPredictor(self.num_classes, kw["num_tokens"], bb.level_channels, bb.mask_prompt_size,
                                   depth=kw["depth"], num_heads=kw["num_heads"], mlp_dim=kw["mlp_dim"],
@@ -162,10 +162,9 @@ class Sam2Rad(nn.Module):
         """
         kind = "dense" if "ppn.prototypes" in state else "attention"
         previous = (self.ppn, self.ppn_kind)
-        if kind == "dense" and ("ppn.bank" in state) != bool(getattr(self.ppn, "neighbours", True)):
-            self._build_ppn(kind, neighbours=20 if "ppn.bank" in state else 0)  # dense model files before 0.5: no bank
-        elif kind != self.ppn_kind:
-            self._build_ppn(kind)
+        bank = "ppn.bank" in state
+        if kind != self.ppn_kind or (kind == "dense" and bool(self.ppn.neighbours) != bank):
+            self._build_ppn(kind, bank=bank)
         rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
         # adopt the rank only for a checkpoint that otherwise matches, so a refused one leaves the model as it was
         if rank and self.lora_rank == 0 and {k for k in state if "lora_" not in k} == set(self.ppn_state_dict()):
@@ -293,7 +292,7 @@ class Sam2Rad(nn.Module):
         bb = self.backbone
         levels = bb.levels(features)
         level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
-        extra = {"neighbours": neighbours.float()} if neighbours is not None and self.ppn_kind == "dense" else {}
+        extra = {} if neighbours is None else {"neighbours": neighbours}  # only a dense PPN's training rows have them
         pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0], region_box=region_box, **extra)
         learned = {"tokens": pred.tokens, "boxes": pred.boxes, "box_fit": pred.box_fit,
                    "mask_prompts": pred.mask_prompts[:, 0], "objectness": pred.objectness}

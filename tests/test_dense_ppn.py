@@ -172,7 +172,7 @@ def test_a_model_file_carries_its_neighbour_bank_and_older_dense_files_load():
     with torch.no_grad():
         assert torch.allclose(other.ppn([embed]).mask_prompts, expected)
     older = _model()
-    older._build_ppn("dense", neighbours=0)  # the layout of dense model files before the bank
+    older._build_ppn("dense", bank=False)  # the layout of dense model files before the bank
     fresh = Sam2Rad(dense.backbone, num_classes=2, ppn="dense")
     fresh.load_ppn_state_dict(older.ppn_state_dict())
     assert fresh.ppn.neighbours == 0 and "ppn.bank" not in fresh.ppn_state_dict()

@@ -178,9 +178,9 @@ class PrepareCache:
 
 class SetPrototypes:
     """Set a dense PPN's class prototypes and neighbour bank
-    (:meth:`~sam2rad_monai.ppn.DensePromptPredictor.set_prototypes`) from the un-augmented view of every training image when training starts, then the neighbour maps of every
-    cached training view with its own frame left out (computed once here, where a step would pay for them each
-    time); nothing for the attention PPN.
+    (:meth:`~sam2rad_monai.ppn.DensePromptPredictor.set_prototypes`) from the un-augmented view of every training
+    image when training starts, then the neighbour maps of every cached training view with its own frame left out
+    (computed once here, where a step would pay for them each time); nothing for the attention PPN.
 
     Attach it after :class:`PrepareCache` (it reads the cache) and before :class:`ResumeCheckpoint`.
 
