@@ -1,22 +1,23 @@
-"""Real usgra_nerve frames for tests (CC BY 4.0, Timm M. Kandaouroff, usgra-seg 2025; read from ../shared)."""
+"""Real usgra frames for tests, from the bundle's embedded sample (CC BY 4.0, Timm M. Kandaouroff, usgra-seg 2025;
+``bundle/data/usgra_sample``), so a clone without ``../shared`` runs them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-USGRA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "usgra_nerve"
+SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "data" / "usgra_sample"
+GREY_IDS = ("0015", "0017", "0018")  # 512 x 512 frames stored as L, each with nerve and vessel
+WIDE_RGB = "0126"  # 761 x 632 RGB frame: non-square, so a transposed load would show
+TWO_PART_NERVE = "0015"  # its nerve is two separate regions (779 and 540 px at 256)
 
 
 def usgra_frame(stem: str, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """A frame resized (longest side) and zero-padded to ``size``: (size, size, 3) uint8 image, (size, size) labels."""
-    if not USGRA.is_dir():
-        pytest.skip(f"usgra_nerve dataset not found at {USGRA}")
-    img = Image.open(USGRA / "images" / f"{stem}.png").convert("RGB")
-    lab = Image.open(USGRA / "masks" / f"{stem}.png")
+    img = Image.open(SAMPLE / "images" / f"{stem}.png").convert("RGB")
+    lab = Image.open(SAMPLE / "masks" / f"{stem}.png")
     scale = size / max(img.size)
     new = (round(img.width * scale), round(img.height * scale))
     image = np.zeros((size, size, 3), np.uint8)

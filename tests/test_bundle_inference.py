@@ -1,14 +1,13 @@
 """Bundle inference (configs/inference.json + sam2rad_monai.batch_inference): DICOM in, DICOM-SEG out, bad input.
 
 The model is an untrained PPN (seeded) on the real LiteMedSAM encoder: what matters here is that every input path
-gives the same answer for the same pixels, not how good the answer is. usgra_nerve test frames (CC BY 4.0,
-Timm M. Kandaouroff, usgra-seg 2025) are read from ../shared and wrapped as DICOM in temp folders; the in-process
-tests use the bundle's own sample frame, so they run on a fresh clone.
+gives the same answer for the same pixels, not how good the answer is. Frames come from the bundle's embedded usgra
+sample (CC BY 4.0, Timm M. Kandaouroff, usgra-seg 2025) and are wrapped as DICOM in temp folders, so every test here
+runs on a fresh clone.
 """
 
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
 import sys
@@ -35,11 +34,11 @@ from sam2rad_monai.io import (
 )
 from sam2rad_monai.metrics import per_class_scores
 from sam2rad_monai.model import Sam2Rad
+from tests.frames import GREY_IDS, SAMPLE as SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-SAMPLE = BUNDLE / "data" / "usgra_sample" / "images" / "0015.png"
-USGRA = REPO.parent / "shared" / "datasets" / "usgra_nerve"
+SAMPLE = SAMPLE_DIR / "images" / f"{GREY_IDS[0]}.png"
 DCIODVFY = Path("/usr/bin/dciodvfy")
 CLASSES = ["nerve", "vessel"]
 
@@ -55,11 +54,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def predictor(model_path: Path) -> Sam2RadPredictor:
     return Sam2RadPredictor.from_checkpoint(model_path, len(CLASSES))
-
-
-def _test_ids(n: int) -> list[str]:
-    with open(USGRA / "metadata.csv", newline="") as fh:
-        return sorted(row["id"] for row in csv.DictReader(fh) if row["split"] == "test")[:n]
 
 
 def _grey(path: Path) -> np.ndarray:
@@ -78,11 +72,9 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> list[float]:
 @pytest.mark.slow
 def test_bundle_dicomseg_matches_png_nifti(tmp_path: Path, model_path: Path) -> None:
     """One `monai.bundle run` over PNGs + a DICOM series + a multi-frame DICOM: SEG Dice == PNG/NIfTI Dice."""
-    if not (USGRA / "images").is_dir():
-        pytest.skip(f"usgra_nerve dataset not found at {USGRA}")
-    ids = _test_ids(3)
-    pngs = [USGRA / "images" / f"{i}.png" for i in ids]
-    gts = [np.asarray(Image.open(USGRA / "masks" / f"{i}.png"), dtype=np.uint8) for i in ids]
+    ids = GREY_IDS
+    pngs = [SAMPLE_DIR / "images" / f"{i}.png" for i in ids]
+    gts = [np.asarray(Image.open(SAMPLE_DIR / "masks" / f"{i}.png"), dtype=np.uint8) for i in ids]
     inp, out = tmp_path / "in", tmp_path / "out"
     (inp / "png").mkdir(parents=True)
     for p in pngs:

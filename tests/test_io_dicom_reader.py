@@ -1,8 +1,8 @@
 """Tests for sam2rad_monai.io.dicom: real US DICOM files, series folders and bad input.
 
-Data are read from the shared folder beside the repository (../shared) at test time (nothing copied): dicom_us (pydicom /
-pydicom-data files, MIT) and usgra_nerve (CC BY 4.0, Timm M. Kandaouroff,
-usgra-seg, 2025), which is wrapped into DICOM in a temporary folder.
+DICOM files are read from the shared folder beside the repository (../shared/datasets/dicom_us: pydicom / pydicom-data
+files, MIT; those tests skip, saying so, where it is absent). usgra frames come from the bundle's embedded sample (CC BY
+4.0, Timm M. Kandaouroff, usgra-seg, 2025) and are wrapped into DICOM in a temporary folder.
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ from sam2rad_monai.io import (
     png_frames_to_multiframe_dicom,
     read_ultrasound,
 )
+from tests.frames import GREY_IDS, SAMPLE, WIDE_RGB
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 DICOM_US = SHARED / "dicom_us"
-USGRA = SHARED / "usgra_nerve"  # CC BY 4.0, Timm M. Kandaouroff, usgra-seg (2025)
 
 needs_dicom_us = pytest.mark.skipif(
     not (DICOM_US / "manifest.csv").is_file(), reason=f"dataset folder {DICOM_US} is absent"
 )
-needs_usgra = pytest.mark.skipif(not (USGRA / "images").is_dir(), reason=f"dataset folder {USGRA} is absent")
 
 
 def _manifest() -> list[dict[str, str]]:
@@ -44,8 +43,8 @@ def _manifest() -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _usgra_pngs(ids: tuple[str, ...] = ("0000", "0001", "0002")) -> list[Path]:
-    return [USGRA / "images" / f"{i}.png" for i in ids]
+def _usgra_pngs(ids: tuple[str, ...] = GREY_IDS) -> list[Path]:
+    return [SAMPLE / "images" / f"{i}.png" for i in ids]
 
 
 def _grey(png: Path) -> np.ndarray:
@@ -123,7 +122,6 @@ def test_sixteen_bit_palette_and_lossless_jpeg_grey() -> None:
 # -------------------------------------------------------------------- wrapped
 
 
-@needs_usgra
 def test_series_folder_reads_in_instance_number_order(tmp_path: Path) -> None:
     pngs = _usgra_pngs()
     paths = png_frames_to_dicom_series(pngs, tmp_path / "gen", spacing_mm=(0.08, 0.07))
@@ -143,7 +141,6 @@ def test_series_folder_reads_in_instance_number_order(tmp_path: Path) -> None:
     assert not img.is_multiframe_instance
 
 
-@needs_usgra
 def test_series_without_instance_numbers_falls_back_to_time(tmp_path: Path) -> None:
     pngs = _usgra_pngs()
     paths = png_frames_to_dicom_series(pngs, tmp_path / "gen", frame_time_ms=40.0)
@@ -158,7 +155,6 @@ def test_series_without_instance_numbers_falls_back_to_time(tmp_path: Path) -> N
         assert np.array_equal(img.frames[i], _grey(png))
 
 
-@needs_usgra
 def test_wrapped_multiframe_reads_back(tmp_path: Path) -> None:
     pngs = _usgra_pngs()
     path = png_frames_to_multiframe_dicom(pngs, tmp_path / "cine.dcm", spacing_mm=(0.1, 0.2), frame_time_ms=25.0)
@@ -169,7 +165,6 @@ def test_wrapped_multiframe_reads_back(tmp_path: Path) -> None:
     assert np.array_equal(img.frames[2], _grey(pngs[2]))
 
 
-@needs_usgra
 def test_monochrome1_is_inverted(tmp_path: Path) -> None:
     path = png_frames_to_multiframe_dicom(_usgra_pngs()[:1], tmp_path / "m1.dcm")
     ds = pydicom.dcmread(path)
@@ -241,7 +236,6 @@ def test_missing_decoder_names_transfer_syntax_and_package(monkeypatch: pytest.M
     _assert_one_line(err, path, "JPEG Lossless", str(JPEGLosslessSV1), "install", "pylibjpeg-libjpeg")
 
 
-@needs_usgra
 def test_unknown_photometric_interpretation(tmp_path: Path) -> None:
     path = png_frames_to_multiframe_dicom(_usgra_pngs()[:1], tmp_path / "odd.dcm")
     ds = pydicom.dcmread(path)
@@ -263,7 +257,6 @@ def test_empty_and_missing_folders(tmp_path: Path) -> None:
     _assert_one_line(err, tmp_path / "nowhere", "no such file")
 
 
-@needs_usgra
 def test_folder_mixing_series_names_both_uids(tmp_path: Path) -> None:
     a = png_frames_to_dicom_series(_usgra_pngs()[:2], tmp_path / "a")
     b = png_frames_to_dicom_series(_usgra_pngs()[:1], tmp_path / "b")
@@ -277,10 +270,9 @@ def test_folder_mixing_series_names_both_uids(tmp_path: Path) -> None:
     _assert_one_line(err, mixed, "mixes 2 series", *uids)
 
 
-@needs_usgra
 def test_series_with_frames_of_different_sizes(tmp_path: Path) -> None:
     small = png_frames_to_dicom_series(_usgra_pngs()[:1], tmp_path / "a")[0]
-    big_png = USGRA / "images" / "0043.png"  # 761 x 632
+    big_png = SAMPLE / "images" / f"{WIDE_RGB}.png"  # 761 x 632
     folder = tmp_path / "series"
     folder.mkdir()
     shutil.copy(small, folder / "1.dcm")

