@@ -3,7 +3,7 @@
 Layout::
 
     dataset_dir/
-        images/<id>.png|.jpg|.jpeg|.nii|.nii.gz
+        images/<id>.png|.jpg|.jpeg|.bmp|.tif|.tiff|.nii|.nii.gz
         masks/<id>.<same kinds>          # uint8 label map, same stem as the image
         metadata.csv                     # optional: id, split (train/val/test), subject_id
 
@@ -25,10 +25,12 @@ from typing import overload
 
 import numpy as np
 
-__all__ = ["SPLITS", "IMAGE_SUFFIXES", "build_datalist", "write_datalist_json"]
+__all__ = ["IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "PICTURE_SUFFIXES", "SPLITS", "build_datalist", "write_datalist_json"]
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".nii.gz", ".png", ".jpg", ".jpeg", ".nii")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D pictures, read through PIL
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # ".nii.gz" first: a name is matched against the longest suffix first
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + PICTURE_SUFFIXES  # every file kind a dataset folder and bundle inference read
 _VAL_STREAM, _FEW_SHOT_STREAM = 0, 1  # independent random streams per purpose, both derived from the seed
 
 Entry = dict[str, str]

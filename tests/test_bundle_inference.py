@@ -24,7 +24,9 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from sam2rad_monai.backbones import build_backbone
-from sam2rad_monai.batch_inference import InferenceRunner, discover_inputs, load_prompts
+from sam2rad_monai.batch_inference import InferenceRunner
+from sam2rad_monai.inputs import discover_inputs
+from sam2rad_monai.prompt_file import load_prompts
 from sam2rad_monai.inference import FramePrompts, Sam2RadPredictor
 from sam2rad_monai.io import (
     png_frames_to_dicom_series,

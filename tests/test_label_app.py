@@ -19,7 +19,7 @@ from PIL import Image
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
-from sam2rad_monai.batch_inference import read_frames  # noqa: E402
+from sam2rad_monai.inputs import read_frames  # noqa: E402
 from sam2rad_monai.clicks import error_click  # noqa: E402
 from sam2rad_monai.inference import Sam2RadPredictor  # noqa: E402
 from sam2rad_monai.io import read_nifti_labelmap  # noqa: E402

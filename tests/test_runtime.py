@@ -188,7 +188,7 @@ def test_feature_cache_fills_through_the_exported_encoder(exported, tmp_path):
 def test_bundle_export_run_then_dicom_to_seg_on_the_onnx_runtime(exported, tmp_path):
     """The documented commands: ``monai.bundle run export``, then inference with ``--runtime onnx`` on a DICOM
     series; the SEG holds the label maps the PyTorch predictor gives for the same frames."""
-    from sam2rad_monai.batch_inference import read_frames
+    from sam2rad_monai.inputs import read_frames
     from sam2rad_monai.io import png_frames_to_dicom_series, read_dicom_seg_labelmap
 
     _, torch_predictor = exported

@@ -2,7 +2,7 @@
 
 * :func:`read_ultrasound` -> :class:`UltrasoundImage` (file or series folder);
   bad input raises :class:`UltrasoundReadError` (a ``ValueError``).
-* :func:`write_nifti`, :func:`read_nifti_labelmap` (axis convention in
+* :func:`write_nifti`, :func:`write_nifti_like` (in a source NIfTI's layout), :func:`read_nifti_labelmap` (axis convention in
   :mod:`sam2rad_monai.io.nifti`).
 * :func:`write_dicom_seg`, :func:`read_dicom_seg_labelmap` (how multi-frame
   ultrasound without a Frame of Reference is encoded: :mod:`sam2rad_monai.io.dicomseg`).
@@ -20,7 +20,7 @@ from sam2rad_monai.io.dicom import (
     read_ultrasound,
 )
 from sam2rad_monai.io.dicomseg import read_dicom_seg_labelmap, segment_property_codes, write_dicom_seg
-from sam2rad_monai.io.nifti import label_map_affine, read_nifti_labelmap, write_nifti
+from sam2rad_monai.io.nifti import label_map_affine, read_nifti_labelmap, write_nifti, write_nifti_like
 from sam2rad_monai.io.wrap import PatientStudy, png_frames_to_dicom_series, png_frames_to_multiframe_dicom
 
 __all__ = [
@@ -39,4 +39,5 @@ __all__ = [
     "segment_property_codes",
     "write_dicom_seg",
     "write_nifti",
+    "write_nifti_like",
 ]

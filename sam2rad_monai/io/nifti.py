@@ -34,11 +34,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from sam2rad_monai.data import NIFTI_SUFFIXES
 from sam2rad_monai.io.atomic import atomic_write_path
 
-__all__ = ["label_map_affine", "read_nifti_labelmap", "write_nifti"]
+__all__ = ["label_map_affine", "read_nifti_labelmap", "write_nifti", "write_nifti_like"]
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _SCANNER_CODE = 1  # qform/sform code "scanner": what ITK writes for its own images
 
 
@@ -58,7 +58,7 @@ def write_nifti(
     Values must be integers in 0..255 (0 = background). Returns the path written.
     """
     path = Path(path)
-    if not path.name.endswith(_NIFTI_SUFFIXES):
+    if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: NIfTI output needs a .nii or .nii.gz name")
     data = _as_uint8_label_map(label_map)
     img = nib.Nifti1Image(np.ascontiguousarray(data.T), label_map_affine(spacing_mm))
@@ -105,3 +105,23 @@ def _describe(img: nib.Nifti1Image, spacing_mm: tuple[float, float] | None) -> N
         b"sam2rad label map; pixel size from US regions" if spacing_mm is not None
         else b"sam2rad label map; pixel size unknown (1 mm)"
     )
+
+
+def write_nifti_like(labels: np.ndarray, source: nib.spatialimages.SpatialImage, path: Path) -> Path:
+    """Write (F, H, W) labels in the source NIfTI's array layout and affine, so it overlays voxel for voxel."""
+    shape = source.shape
+    if len(shape) >= 3 and shape[2] > 1:
+        data = labels.transpose(1, 2, 0)
+    else:
+        data = labels[0].reshape(shape[:2] + (1,) * (len(shape) - 2)) if len(shape) > 2 else labels[0]
+    img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), source.affine)
+    # keep the source's qform/sform codes so viewers place the labels exactly where the image is
+    _, qcode = source.get_qform(coded=True)
+    _, scode = source.get_sform(coded=True)
+    img.set_qform(source.affine, code=int(qcode) if qcode else 1)
+    img.set_sform(source.affine, code=int(scode) if scode else 1)
+    img.header.set_xyzt_units(*source.header.get_xyzt_units())
+    img.header.set_intent("label", name="sam2rad")
+    with atomic_write_path(path) as tmp:
+        nib.save(img, tmp)
+    return path

@@ -25,7 +25,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
-from ..batch_inference import read_frames
+from ..inputs import read_frames
 from ..inference import FramePrompts, Prediction, Sam2RadPredictor
 from ..io import write_nifti
 from ..io.atomic import atomic_write_path
