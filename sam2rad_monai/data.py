@@ -25,11 +25,13 @@ from typing import overload
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "PICTURE_SUFFIXES", "SPLITS", "build_datalist", "write_datalist_json"]
+from .io.atomic import atomic_write_bytes
+from .io.nifti import NIFTI_SUFFIXES
+
+__all__ = ["IMAGE_SUFFIXES", "PICTURE_SUFFIXES", "SPLITS", "build_datalist", "write_datalist_json"]
 
 SPLITS = ("train", "val", "test")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D pictures, read through PIL
-NIFTI_SUFFIXES = (".nii.gz", ".nii")  # ".nii.gz" first: a name is matched against the longest suffix first
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + PICTURE_SUFFIXES  # every file kind a dataset folder and bundle inference read
 _VAL_STREAM, _FEW_SHOT_STREAM = 0, 1  # independent random streams per purpose, both derived from the seed
 
@@ -213,7 +215,5 @@ def write_datalist_json(datalists: Mapping[str, Sequence[Entry]], path: str | Pa
     names = {"train": "training", "val": "validation", "test": "testing"}
     payload = {names.get(k, k): list(v) for k, v in datalists.items()}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=4) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a crash never leaves a half-written datalist
+    atomic_write_bytes(path, (json.dumps(payload, indent=4) + "\n").encode())  # a crash leaves no half datalist
     return path

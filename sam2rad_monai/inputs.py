@@ -34,9 +34,10 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from .data import NIFTI_SUFFIXES, PICTURE_SUFFIXES
+from .data import PICTURE_SUFFIXES
 from .engine.evaluation import load_frame
 from .io import UltrasoundImage, UltrasoundReadError, read_ultrasound
+from .io.nifti import NIFTI_SUFFIXES
 
 __all__ = ["InputItem", "LoadedInput", "discover_inputs", "one_line", "read_frames", "read_input"]
 

@@ -30,6 +30,8 @@ import torch
 from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 
+from .io.atomic import atomic_write_path
+
 __all__ = ["ScoreRow", "SegmentationScores", "per_class_scores"]
 
 
@@ -167,12 +169,9 @@ class SegmentationScores:
     def write_csv(self, path: str | Path) -> Path:
         """Write one line per (image, class) with columns of :class:`ScoreRow`; written atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
+        with atomic_write_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=[fld.name for fld in fields(ScoreRow)])
             writer.writeheader()
             for row in self._rows:
                 writer.writerow({**asdict(row), "dice": f"{row.dice:.6f}", "iou": f"{row.iou:.6f}"})
-        tmp.replace(path)
         return path

@@ -47,6 +47,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.utils import ensure_tuple_rep
+from torchvision.ops import masks_to_boxes
 
 __all__ = [
     "EnsureChannelsd",
@@ -187,17 +188,6 @@ class ResizeLongestSided(MapTransform, InvertibleTransform):
         return d
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Inclusive ``(x_min, y_min, x_max, y_max)`` of each binary mask ``(K, H, W)``; zeros for empty masks."""
-    boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
-    for k, mask in enumerate(masks):
-        rows = torch.nonzero(mask.any(dim=1)).flatten()
-        cols = torch.nonzero(mask.any(dim=0)).flatten()
-        if rows.numel():
-            boxes[k] = torch.stack([cols[0], rows[0], cols[-1], rows[-1]]).float()
-    return boxes
-
-
 class LabelToTargetsd(MapTransform):
     """Turn a label map ``(1, H, W)`` into per-class ``masks``, ``boxes`` and ``present`` targets.
 
@@ -265,7 +255,7 @@ class LabelToTargetsd(MapTransform):
             present = masks.flatten(1).sum(dim=1) >= self.min_pixels
             masks &= present.view(-1, 1, 1)
             d[self.masks_key] = masks.float()
-            d[self.boxes_key] = masks_to_boxes(masks)
+            d[self.boxes_key] = masks_to_boxes(masks).float()  # inclusive corners, zeros when empty
             d[self.present_key] = present.float()
         return d
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from ..backbones import Backbone, Features
+from ..io.atomic import atomic_write_path
 from ..transforms import augment_view, augmentation_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,6 @@ class CachedFeatureDataset(Dataset):
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write_path(path) as tmp:
+        torch.save(obj, tmp)
 

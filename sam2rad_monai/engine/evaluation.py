@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.ops import masks_to_boxes
 
 from ..inference import FramePrompts, Sam2RadPredictor
+from ..io.atomic import atomic_write_bytes
 from ..metrics import SegmentationScores
 from ..transforms import load_transforms
 
@@ -41,10 +43,10 @@ def load_frame(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
 def gt_box_prompts(label: np.ndarray, num_classes: int) -> FramePrompts:
     """Ground-truth boxes (inclusive pixel corners) of the classes present in a label map."""
     prompts = FramePrompts()
-    for k in range(1, num_classes + 1):
-        ys, xs = np.nonzero(label == k)
-        if len(xs):
-            prompts.boxes[k - 1] = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+    masks = torch.from_numpy(label)[None] == torch.arange(1, num_classes + 1)[:, None, None]
+    for k, (present, box) in enumerate(zip(masks.flatten(1).any(1), masks_to_boxes(masks))):
+        if present:
+            prompts.boxes[k] = tuple(float(v) for v in box)
     return prompts
 
 
@@ -104,7 +106,5 @@ def evaluate(predictor: Sam2RadPredictor, data: Sequence[dict[str, Any]], class_
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from ignite.engine import Engine, Events
 from torch import Tensor, nn
 
 from ..backbones import read_state_dict
+from ..io.atomic import atomic_write_path
 from ..model import Sam2Rad
 
 logger = logging.getLogger(__name__)
@@ -134,14 +134,12 @@ class ResumeCheckpoint:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def save(self, engine: Engine) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         state = {"model": self.state.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "epoch": engine.state.epoch, "iteration": engine.state.iteration}
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        with atomic_write_path(self.path) as tmp:
+            torch.save(state, tmp)
 
     def load(self, engine: Engine) -> None:
         if not self.path.is_file():

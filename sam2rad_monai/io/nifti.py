@@ -34,10 +34,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from sam2rad_monai.data import NIFTI_SUFFIXES
 from sam2rad_monai.io.atomic import atomic_write_path
 
-__all__ = ["label_map_affine", "read_nifti_labelmap", "write_nifti", "write_nifti_like"]
+__all__ = ["NIFTI_SUFFIXES", "label_map_affine", "read_nifti_labelmap", "write_nifti", "write_nifti_like"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # ".nii.gz" first: a name is matched against the longest suffix first
 
 _SCANNER_CODE = 1  # qform/sform code "scanner": what ITK writes for its own images
 
