@@ -19,9 +19,9 @@ from PIL import Image
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
-from sam2rad_monai.inputs import read_frames  # noqa: E402
 from sam2rad_monai.clicks import error_click  # noqa: E402
 from sam2rad_monai.inference import Sam2RadPredictor  # noqa: E402
+from sam2rad_monai.inputs import read_frames  # noqa: E402
 from sam2rad_monai.io import read_nifti_labelmap  # noqa: E402
 from sam2rad_monai.metrics import per_class_scores  # noqa: E402
 
@@ -138,3 +138,36 @@ def test_label_app_over_http(server):
     r = requests.post(f"{server['url']}/activelearning/sam2rad_uncertainty", json={}, timeout=300)
     assert r.ok, r.text
     assert r.json()["id"] in IMAGES[1:]
+
+
+def test_bad_requests_are_client_errors_and_the_server_keeps_serving(server):
+    url = server["url"]
+    outside = (SAMPLE / "images" / "0015.png").resolve()  # a readable image that is not in the studies folder
+
+    def infer(model: str, image: str, params: dict) -> requests.Response:
+        return requests.post(f"{url}/infer/{model}", params={"image": image, "output": "image"},
+                             data={"params": json.dumps(params)}, timeout=300)
+
+    bad = [  # (model, image, params, status, words the message must hold)
+        ("sam2rad", "no_such_image", {}, 404, ["no_such_image", "not in the studies folder"]),
+        ("sam2rad", str(outside), {}, 404, ["0015.png", "not in the studies folder"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "liver"}, 400, ["unknown label", "liver"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "9"}, 400, ["unknown label", "'9'"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "nerve", "roi": [10, 20]}, 400, ["roi", "[10, 20]"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "nerve", "roi": [50, 50, 10, 10]}, 400, ["x1 <= x2"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "nerve", "foreground": [["a", 3]]}, 400, ["foreground"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "nerve", "background": 7}, 400, ["background"]),
+        ("sam2rad_interactive", IMAGES[0], {"label": "nerve", "mode": "autonomous"}, 400, ["mode"]),
+    ]
+    for model, image, params, status, words in bad:
+        r = infer(model, image, params)
+        assert r.status_code == status, (image, params, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert all(w in detail for w in words), (image, params, detail)
+
+    # still serving: an id of the studies folder, and an upload (MONAI Label's own temporary file) are answered
+    assert infer("sam2rad", IMAGES[0], {}).ok
+    with outside.open("rb") as f:
+        r = requests.post(f"{url}/infer/sam2rad", params={"output": "image"}, files={"file": ("x.png", f, "image/png")},
+                          data={"params": "{}"}, timeout=300)
+    assert r.ok, r.text

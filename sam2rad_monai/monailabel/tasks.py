@@ -102,12 +102,44 @@ class ModelHolder:
         return self.stamp() is not None
 
 
+class RequestError(ValueError):
+    """A request the client got wrong (unknown label, malformed points or box, an image the app cannot label): the
+    app answers it with HTTP 400 and this message, where MONAI Label would answer any exception with 500."""
+
+
 def read_frame(path: str | os.PathLike) -> np.ndarray:
     """A 2D frame (H, W, 3) on 0..255 (PNG / JPEG / NIfTI / ultrasound DICOM), loaded as bundle inference does."""
-    frames = read_frames(path)
+    try:
+        frames = read_frames(path)
+    except ValueError as err:
+        raise RequestError(str(err)) from err
     if len(frames) != 1:
-        raise ValueError(f"{path}: has {len(frames)} frames; the app labels single 2D frames")
+        raise RequestError(f"{Path(path).name}: has {len(frames)} frames; the app labels single 2D frames")
     return frames[0]
+
+
+def _points(request: dict[str, Any], key: str) -> list[tuple[float, float]]:
+    """``[[x, y, ...], ...]`` of one request key as (x, y) pairs; :class:`RequestError` naming the key if malformed."""
+    value = request.get(key) or []
+    try:
+        return [(float(p[0]), float(p[1])) for p in value]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise RequestError(f"{key} must be a list of [x, y] pixel points, got {value!r}") from None
+
+
+def _roi(request: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """The ``roi`` box ``[x1, y1, x2, y2]`` (None when absent); :class:`RequestError` when malformed."""
+    value = request.get("roi")
+    if value in (None, "", []):
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in value[:4])
+        ok = len(value) >= 4 and x1 <= x2 and y1 <= y2
+    except (TypeError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        raise RequestError(f"roi must be [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2, got {value!r}")
+    return x1, y1, x2, y2
 
 
 def write_label(label_map: np.ndarray, extension: str) -> str:
@@ -175,21 +207,24 @@ class Sam2RadInteractiveInfer(InferTask):
         start = time.perf_counter()
         names = self.holder.settings.class_names
         label = request.get("label") or (request.get("labels") or [names[0]])[0]
-        if isinstance(label, int) or str(label).isdigit():
-            index = int(label) - 1
-        elif label in names:
+        if label in names:
             index = names.index(label)
+        elif (isinstance(label, int) or str(label).isdigit()) and 1 <= int(label) <= len(names):
+            index = int(label) - 1
         else:
-            raise ValueError(f"unknown label {label!r}; this model segments {names}")
+            raise RequestError(f"unknown label {label!r}; this model segments {names} (or their indices 1.."
+                               f"{len(names)})")
         prompts = FramePrompts()
-        points = [(float(p[0]), float(p[1]), 1) for p in request.get("foreground") or []]
-        points += [(float(p[0]), float(p[1]), 0) for p in request.get("background") or []]
+        points = [(x, y, 1) for x, y in _points(request, "foreground")]
+        points += [(x, y, 0) for x, y in _points(request, "background")]
         if points:
             prompts.points[index] = points
-        roi = request.get("roi") or []
-        if len(roi) >= 4:
-            prompts.boxes[index] = tuple(float(v) for v in roi[:4])
+        roi = _roi(request)
+        if roi is not None:
+            prompts.boxes[index] = roi
         mode = request.get("mode") or ("refine" if self.holder.has_model() else "manual")
+        if mode not in ("refine", "manual"):
+            raise RequestError(f"mode must be 'refine' or 'manual', got {mode!r}")
         frame = read_frame(request["image"])
         prediction = self.holder.predictor.predict([frame], mode, [prompts])[0]
         label_map = np.where(prediction.label_map == index + 1, index + 1, 0).astype(np.uint8)
