@@ -3,7 +3,7 @@
 Layout::
 
     dataset_dir/
-        images/<id>.png|.jpg|.jpeg|.bmp|.tif|.tiff|.nii|.nii.gz
+        images/<id>.png|.jpg|.jpeg|.bmp|.tif|.tiff|.nii|.nii.gz|.dcm|.dicom   # DICOM: one ultrasound frame per file
         masks/<id>.<same kinds>          # uint8 label map, same stem as the image
         metadata.csv                     # optional: id, split (train/val/test), subject_id
 
@@ -27,12 +27,13 @@ import numpy as np
 
 from .io.atomic import atomic_write_bytes
 from .io.nifti import NIFTI_SUFFIXES
+from .io.reader import DICOM_SUFFIXES
 
 __all__ = ["IMAGE_SUFFIXES", "PICTURE_SUFFIXES", "SPLITS", "build_datalist", "write_datalist_json"]
 
 SPLITS = ("train", "val", "test")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D pictures, read through PIL
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + PICTURE_SUFFIXES  # every file kind a dataset folder and bundle inference read
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + PICTURE_SUFFIXES + DICOM_SUFFIXES  # the file kinds of a dataset folder
 _VAL_STREAM, _FEW_SHOT_STREAM = 0, 1  # independent random streams per purpose, both derived from the seed
 
 Entry = dict[str, str]

@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 
 from .data import PICTURE_SUFFIXES
 from .engine.evaluation import load_frame
+from .transforms import to_0_255
 from .io import UltrasoundImage, UltrasoundReadError, read_ultrasound
 from .io.nifti import NIFTI_SUFFIXES
 
@@ -227,15 +228,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _to_0_255(array: np.ndarray) -> np.ndarray:
-    """The model expects 0..255; deeper data are scaled by the input's own range (one scale for all frames)."""
-    array = np.asarray(array, dtype=np.float32)
-    lo, hi = float(array.min()), float(array.max())
-    if lo >= 0 and hi <= 255:
-        return array
-    return (array - lo) * (255.0 / max(hi - lo, 1e-6))
-
-
 def _read_image(path: Path) -> LoadedInput:
     # PIL first: it names the problem ("image file is truncated"), where LoadImage only says no reader fits.
     try:
@@ -243,8 +235,8 @@ def _read_image(path: Path) -> LoadedInput:
             img.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         raise ValueError(f"cannot read the image file, corrupt or truncated? ({one_line(exc)})") from exc
-    image, _ = load_frame({"image": str(path)})  # the same loading as training and evaluation
-    return LoadedInput([_to_0_255(image)])
+    image, _ = load_frame({"image": str(path)})  # the same loading (and intensity rule) as training and evaluation
+    return LoadedInput([image])
 
 
 def _read_nifti(path: Path) -> LoadedInput:
@@ -265,7 +257,7 @@ def _read_nifti(path: Path) -> LoadedInput:
             frames = [data[:, :, k] for k in range(data.shape[2])]
         else:
             raise ValueError(f"unsupported NIfTI shape {data.shape}: expected (rows, columns[, frames])")
-    scaled = _to_0_255(np.stack(frames))
+    scaled = to_0_255(np.stack(frames))  # one scale for all frames of a volume
     rgb = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in scaled]
     return LoadedInput(rgb, nifti=img)
 

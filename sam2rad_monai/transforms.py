@@ -4,8 +4,10 @@ Conventions (the model code depends on them):
 
 - Images are channel-first ``(C, H, W)`` with ``H`` = rows and ``W`` = columns. PNG/JPEG frames are read with
   ``PILReader(reverse_indexing=False)`` so that the array matches ``numpy.asarray(PIL.Image.open(path))``;
-  NIfTI frames are read by ``NibabelReader`` with their array axes as stored (axis 0 = ``H``).
-- Images are 3-channel float32 in [0, 255] before normalisation (grey is repeated to 3 channels, RGB is kept).
+  NIfTI frames are read by ``NibabelReader`` with their array axes as stored (axis 0 = ``H``); ultrasound DICOM
+  frames by :class:`~sam2rad_monai.io.reader.UltrasoundDicomReader` as bundle inference reads them.
+- Images are 3-channel float32 in [0, 255] before normalisation (grey is repeated to 3 channels, RGB is kept);
+  deeper data are brought there by one rule (:func:`to_0_255`) in training, evaluation and inference alike.
 - Preprocessing to the ``S x S`` model input: resize the longest side to ``S`` (bilinear with anti-aliasing for
   images, nearest-exact for labels), normalise with per-channel ``pixel_mean`` / ``pixel_std``, then zero-pad
   bottom/right, so the padding is 0 in normalised space as in SAM. The original ``(H, W)`` and the resized,
@@ -49,9 +51,13 @@ from monai.transforms import (
 from monai.utils import ensure_tuple_rep
 from torchvision.ops import masks_to_boxes
 
+from .io.reader import UltrasoundDicomReader
+
 __all__ = [
     "EnsureChannelsd",
     "EnsureThreeChannelsd",
+    "To0To255d",
+    "to_0_255",
     "ResizeLongestSided",
     "LabelToTargetsd",
     "load_transforms",
@@ -112,6 +118,27 @@ class EnsureChannelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self._convert(key, d[key])
+        return d
+
+
+def to_0_255(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The model's intensity scale, one rule for every input: values already within 0..255 (8-bit pictures and
+    DICOM, which :meth:`~sam2rad_monai.io.UltrasoundImage.rgb_uint8` scales by its nominal bit depth) are kept;
+    deeper data (16-bit PNG, NIfTI of another range) are scaled by their own min..max onto 0..255, in float32."""
+    values = array.float() if isinstance(array, torch.Tensor) else np.asarray(array, dtype=np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= 0 and hi <= 255:
+        return values
+    return (values - lo) * (255.0 / max(hi - lo, 1e-6))
+
+
+class To0To255d(MapTransform):
+    """:func:`to_0_255` on each key (an image loaded channel-first, the scale shared by its channels)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = to_0_255(d[key])
         return d
 
 
@@ -278,7 +305,7 @@ def load_transforms(
     Args:
         image_key: key of the image path.
         label_key: key of the label path, or ``None`` for inference without labels.
-        extra_readers: readers tried before PIL and MONAI's defaults (e.g. the project's ultrasound DICOM reader).
+        extra_readers: readers tried before the project's (ultrasound DICOM, PIL, nibabel) and MONAI's defaults.
             ``LoadImage`` picks the first reader whose ``read`` does not raise (it does not check suffixes once a
             reader is named), so a reader's ``read`` must raise on files it does not handle.
         load: if False, the keys already hold channel-first tensors and only the channel fix-up runs.
@@ -289,12 +316,14 @@ def load_transforms(
     keys = [image_key] if label_key is None else [image_key, label_key]
     out: list[Any] = []
     if load:
-        # LoadImage tries named readers last-to-first by read(): extra readers, then PIL with reverse_indexing=False
-        # (PIL's (rows, columns) order), then nibabel (array as stored), before MONAI's defaults. Naming nibabel
-        # keeps NIfTI away from the slow-to-import ITK reader.
-        readers = [NibabelReader(), PILReader(reverse_indexing=False), *extra_readers]
+        # LoadImage tries named readers last-to-first by read(): extra readers, then ultrasound DICOM (.dcm / .dicom,
+        # read as bundle inference reads it), PIL with reverse_indexing=False (PIL's (rows, columns) order), then
+        # nibabel (array as stored), before MONAI's defaults. Naming nibabel keeps NIfTI away from the
+        # slow-to-import ITK reader.
+        readers = [NibabelReader(), PILReader(reverse_indexing=False), UltrasoundDicomReader(), *extra_readers]
         out.append(LoadImaged(keys, reader=readers, ensure_channel_first=True, image_only=True))
     out.append(EnsureChannelsd(image_key, channels=3))
+    out.append(To0To255d(image_key))
     if label_key is not None:
         out.append(EnsureChannelsd(label_key, channels=1))
     return out

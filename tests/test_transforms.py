@@ -298,3 +298,18 @@ def test_nifti_frames_keep_their_array_axes(tmp_path: Path) -> None:
     d = Compose(load_transforms())({"image": str(tmp_path / "frame.nii.gz"), "label": str(tmp_path / "mask.nii.gz")})
     assert d["image"].shape == (3, 3, 4) and torch.equal(d["image"][1], torch.from_numpy(rows_cols).float())
     assert d["label"].shape == (1, 3, 4) and d["label"][0, 2, 3] == 1
+
+
+def test_sixteen_bit_frame_reaches_the_model_as_in_inference(tmp_path: Path) -> None:
+    """One intensity rule: a 16-bit PNG is scaled onto 0..255 by its own range in training and in inference alike."""
+    from sam2rad_monai.inputs import read_frames
+
+    deep = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 20 + 1000).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    loaded = Compose(load_transforms(label_key=None))({"image": str(tmp_path / "deep.png")})["image"]
+    assert loaded.shape == (3, 40, 50) and float(loaded.min()) == 0.0 and float(loaded.max()) == pytest.approx(255.0)
+    inferred = read_frames(tmp_path / "deep.png")[0]  # (H, W, 3)
+    np.testing.assert_allclose(np.asarray(loaded).transpose(1, 2, 0), inferred, atol=1e-4)
+    eight = np.asarray(Image.open(SAMPLE / "images" / f"{GREY}.png"))  # 8-bit frames are left as they are
+    same = Compose(load_transforms(label_key=None))({"image": str(SAMPLE / "images" / f"{GREY}.png")})["image"]
+    assert torch.equal(same[0], torch.from_numpy(eight).float())
