@@ -21,7 +21,6 @@ What counts as one input
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -38,6 +37,7 @@ from .data import PICTURE_SUFFIXES
 from .engine.evaluation import load_frame
 from .transforms import to_0_255
 from .io import UltrasoundImage, UltrasoundReadError, read_ultrasound
+from .io.dicom import instance_order_key
 from .io.nifti import NIFTI_SUFFIXES
 
 __all__ = ["InputItem", "LoadedInput", "discover_inputs", "one_line", "read_frames", "read_input"]
@@ -180,18 +180,8 @@ def _series_item(folder: Path, root: Path, instances: list[tuple[Path, Dataset]]
         return InputItem("series", [p for p, _ in instances], name, stem,
                          f"folder mixes {len(series)} series of single-frame DICOM instances ({listing}); "
                          "put one series per folder")
-    ordered = sorted(instances, key=lambda item: _instance_order(*item))
+    ordered = sorted(instances, key=lambda item: instance_order_key(*item))
     return InputItem("series", [p for p, _ in ordered], name, stem)
-
-
-def _instance_order(path: Path, ds: Dataset) -> tuple[float, str, str]:
-    try:
-        number = float(ds.get("InstanceNumber"))
-    except (TypeError, ValueError):
-        number = math.inf
-    when = f"{ds.get('AcquisitionDate', '')}{ds.get('AcquisitionTime', '')}" or \
-        f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}"
-    return number, when, path.name
 
 
 def _dedupe_outputs(items: list[InputItem]) -> list[InputItem]:

@@ -316,11 +316,11 @@ def load_transforms(
     keys = [image_key] if label_key is None else [image_key, label_key]
     out: list[Any] = []
     if load:
-        # LoadImage tries named readers last-to-first by read(): extra readers, then ultrasound DICOM (.dcm / .dicom,
-        # read as bundle inference reads it), PIL with reverse_indexing=False (PIL's (rows, columns) order), then
-        # nibabel (array as stored), before MONAI's defaults. Naming nibabel keeps NIfTI away from the
-        # slow-to-import ITK reader.
-        readers = [NibabelReader(), PILReader(reverse_indexing=False), UltrasoundDicomReader(), *extra_readers]
+        # LoadImage tries named readers last-to-first by read() (logging each refusal): extra readers, then PIL with
+        # reverse_indexing=False (PIL's (rows, columns) order), nibabel (array as stored), ultrasound DICOM (.dcm /
+        # .dicom, read as bundle inference reads it), before MONAI's defaults; the common formats come first so that
+        # they log nothing. Naming nibabel keeps NIfTI away from the slow-to-import ITK reader.
+        readers = [UltrasoundDicomReader(), NibabelReader(), PILReader(reverse_indexing=False), *extra_readers]
         out.append(LoadImaged(keys, reader=readers, ensure_channel_first=True, image_only=True))
     out.append(EnsureChannelsd(image_key, channels=3))
     out.append(To0To255d(image_key))

@@ -45,6 +45,7 @@ __all__ = [
     "UltrasoundImage",
     "UltrasoundReadError",
     "UltrasoundRegion",
+    "instance_order_key",
     "package_version",
     "read_ultrasound",
 ]
@@ -410,7 +411,7 @@ def _read_series_folder(folder: Path) -> UltrasoundImage:
             f"folder mixes {len(headers)} instances with multi-frame ones (e.g. {multi[0].name}); "
             "read the multi-frame files one by one",
         )
-    ordered = sorted(headers, key=lambda item: _order_key(item[0], item[1]))
+    ordered = sorted(headers, key=lambda item: instance_order_key(item[0], item[1]))
     return _stack_instances(folder, [p for p, _ in ordered])
 
 
@@ -433,9 +434,12 @@ def _series_headers(folder: Path) -> list[tuple[Path, Dataset]]:
     return found
 
 
-def _order_key(path: Path, ds: Dataset) -> tuple[float, str, str]:
-    number = ds.get("InstanceNumber")
-    number_key = float(number) if number not in (None, "") else math.inf
+def instance_order_key(path: Path, ds: Dataset) -> tuple[float, str, str]:
+    """Sort key of a series' instances: InstanceNumber, then acquisition / content time, then the file name."""
+    try:
+        number_key = float(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):  # absent or malformed
+        number_key = math.inf
     time_key = ""
     for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
         if ds.get(time_kw):
