@@ -122,7 +122,8 @@ def test_stale_export_is_refused_or_rebuilt(exported, tmp_path):
     ExportedRuntime.load(model, model_path)  # a current export (the first test may have written it)
     # another PPN in the same file: the export no longer belongs to it
     state = read_state_dict(model_path)
-    state["ppn.objectness_head.3.bias"] = state["ppn.objectness_head.3.bias"] + 5.0
+    bias = next(k for k in state if k.startswith("ppn.objectness_head.") and k.endswith(".bias"))  # any PPN kind
+    state[bias] = state[bias] + 5.0
     changed = tmp_path / "model.pt"
     torch.save(state, changed)
     shutil.copytree(export_dir(model_path), export_dir(changed))

@@ -253,6 +253,7 @@ class Sam2RadTrain(TrainTask):
         from torch.utils.data import DataLoader
 
         from ..engine.cache import CachedFeatureDataset, FeatureCache
+        from ..engine.handlers import SetPrototypes
         from ..engine.inferers import PromptMixInferer, prepare_training_batch
         from ..losses import Sam2RadLoss
 
@@ -265,6 +266,7 @@ class Sam2RadTrain(TrainTask):
         cache = FeatureCache(settings.cache_dir, model.backbone, model.num_classes)
         dataset = CachedFeatureDataset(data, cache, int(options["cache_views"]))
         dataset.prepare()
+        SetPrototypes(dataset, model)()  # a dense PPN matches against the labelled frames of this datastore
         loader = DataLoader(dataset, batch_size=int(options["batch_size"]), shuffle=True)
         optimizer = torch.optim.AdamW(model.trainable_parameter_groups(float(options["learning_rate"])))
         trainer = SupervisedTrainer(
