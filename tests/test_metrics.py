@@ -85,3 +85,19 @@ def test_accumulator_summary_and_csv(tmp_path: Path) -> None:
     assert (float(fp["dice"]), fp["gt_present"], fp["pred_present"]) == (0.0, "False", "True")
     scores.reset()
     assert len(scores) == 0
+
+
+def test_overlay_colours_each_class_and_leaves_the_background() -> None:
+    from sam2rad_monai.engine.evaluation import overlay
+
+    image = np.full((8, 10, 3), 100.0)
+    label = np.zeros((8, 10), np.uint8)
+    label[1:3, 1:3], label[5:7, 6:9] = 1, 2
+    pred = np.zeros_like(label)
+    pred[5:7, 6:9] = 2  # the nerve missed, the vessel found
+    out = overlay(image, label, pred, num_classes=2)
+    assert out.shape == (8, 20, 3) and out.dtype == np.uint8
+    assert (out[0, 0] == 100).all() and (out[0, 10] == 100).all()  # background untouched in both panels
+    nerve, vessel = out[1, 1], out[5, 6]
+    assert not (nerve == 100).all() and not (vessel == 100).all() and not (nerve == vessel).all()
+    assert (out[5, 16] == vessel).all() and (out[1, 11] == 100).all()  # same colour per class in both panels

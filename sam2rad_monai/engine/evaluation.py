@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from monai.visualize import blend_images
 from torchvision.ops import masks_to_boxes
 
 from ..inference import FramePrompts, Sam2RadPredictor
@@ -26,7 +27,6 @@ from ..transforms import load_transforms
 
 logger = logging.getLogger(__name__)
 MODES = {"lp": "autonomous", "bb+lp": "refine", "box": "manual"}
-OVERLAY_COLOURS = np.array([[255, 200, 0], [0, 160, 255], [255, 0, 255], [0, 255, 0]], np.uint8)
 
 
 def load_frame(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -50,18 +50,13 @@ def gt_box_prompts(label: np.ndarray, num_classes: int) -> FramePrompts:
     return prompts
 
 
-def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Side by side: ground truth | prediction, each as a colour overlay on the grey frame."""
-    grey = np.clip(image, 0, 255).astype(np.uint8)
-    panels = []
-    for lab in (label, pred):
-        panel = grey.copy()
-        for k in range(1, int(max(label.max(), pred.max())) + 1):
-            region = lab == k
-            panel[region] = (0.5 * panel[region] + 0.5 * OVERLAY_COLOURS[(k - 1) % len(OVERLAY_COLOURS)]).astype(
-                np.uint8)
-        panels.append(panel)
-    return np.concatenate(panels, axis=1)
+def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Side by side (H, 2W, 3) uint8: ground truth | prediction, each blended over the frame (H, W, 3) by MONAI's
+    ``blend_images`` (class k coloured at k / ``num_classes`` of the colour map, so both panels agree)."""
+    frame = np.clip(image, 0, 255).transpose(2, 0, 1) / 255.0
+    panels = [blend_images(frame, lab[None] / max(num_classes, 1), alpha=0.5, cmap="hsv", rescale_arrays=False)
+              for lab in (label, pred)]
+    return (np.concatenate(panels, axis=2).transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
 
 def evaluate(predictor: Sam2RadPredictor, data: Sequence[dict[str, Any]], class_names: Sequence[str],
@@ -91,7 +86,7 @@ def evaluate(predictor: Sam2RadPredictor, data: Sequence[dict[str, Any]], class_
             pred = predictor.predict([image], MODES[mode], [prompts], features=features)[0]
             scores[mode].add(str(item.get("id", index)), pred.label_map, label)
             if mode == modes[0] and index < num_overlays:
-                Image.fromarray(overlay(image, label, pred.label_map)).save(
+                Image.fromarray(overlay(image, label, pred.label_map, num_classes)).save(
                     output_dir / "overlays" / f"{item.get('id', index)}_{mode.replace('+', '_')}.png")
     elapsed = time.perf_counter() - start
     metrics = {mode: {class_names[k - 1]: {"dice": round(v["dice"], 2), "iou": round(v["iou"], 2)}
