@@ -37,7 +37,7 @@ from .data import PICTURE_SUFFIXES
 from .engine.evaluation import load_frame
 from .transforms import to_0_255
 from .io import UltrasoundImage, UltrasoundReadError, read_ultrasound
-from .io.dicom import instance_order_key
+from .io.dicom import DICOM_SUFFIXES, instance_order_key
 from .io.nifti import NIFTI_SUFFIXES
 
 __all__ = ["InputItem", "LoadedInput", "discover_inputs", "one_line", "read_frames", "read_input"]
@@ -77,7 +77,7 @@ def _strip_suffix(name: str) -> str:
     for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem if Path(name).suffix.lower() in (*PICTURE_SUFFIXES, ".dcm", ".dicom") else name
+    return Path(name).stem if Path(name).suffix.lower() in (*PICTURE_SUFFIXES, *DICOM_SUFFIXES) else name
 
 
 def _classify(path: Path) -> str | None:

@@ -42,6 +42,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 __all__ = [
+    "DICOM_SUFFIXES",
     "UltrasoundImage",
     "UltrasoundReadError",
     "UltrasoundRegion",
@@ -50,6 +51,7 @@ __all__ = [
     "read_ultrasound",
 ]
 
+DICOM_SUFFIXES = (".dcm", ".dicom")  # what a dataset folder reads as DICOM (any other name may still be one)
 _GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # pydicom returns these as RGB after decoding (YBR_* are converted by the
 # decoder, PALETTE COLOR by apply_color_lut below).

@@ -16,11 +16,9 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
-from sam2rad_monai.io.dicom import UltrasoundImage, read_ultrasound
+from sam2rad_monai.io.dicom import DICOM_SUFFIXES, UltrasoundImage, read_ultrasound
 
-__all__ = ["DICOM_SUFFIXES", "UltrasoundDicomReader"]
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
+__all__ = ["UltrasoundDicomReader"]
 
 
 class UltrasoundDicomReader(ImageReader):
