@@ -26,8 +26,8 @@ from typing import overload
 import numpy as np
 
 from .io.atomic import atomic_write_bytes
-from .io.nifti import NIFTI_SUFFIXES
 from .io.dicom import DICOM_SUFFIXES
+from .io.nifti import NIFTI_SUFFIXES
 
 __all__ = ["IMAGE_SUFFIXES", "PICTURE_SUFFIXES", "SPLITS", "build_datalist", "write_datalist_json"]
 

@@ -219,13 +219,16 @@ def one_line(exc: BaseException) -> str:
 
 
 def _read_image(path: Path) -> LoadedInput:
-    # PIL first: it names the problem ("image file is truncated"), where LoadImage only says no reader fits.
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        raise ValueError(f"cannot read the image file, corrupt or truncated? ({one_line(exc)})") from exc
-    image, _ = load_frame({"image": str(path)})  # the same loading (and intensity rule) as training and evaluation
+    try:  # the same loading (and intensity rule) as training and evaluation
+        image, _ = load_frame({"image": str(path)})
+    except Exception as exc:  # noqa: BLE001 - LoadImage only says that no reader fits; PIL names the problem
+        reason: BaseException = exc
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception as pil_exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+            reason = pil_exc
+        raise ValueError(f"cannot read the image file, corrupt or truncated? ({one_line(reason)})") from reason
     return LoadedInput([image])
 
 

@@ -124,7 +124,8 @@ class EnsureChannelsd(MapTransform):
 def to_0_255(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """The model's intensity scale, one rule for every input: values already within 0..255 (8-bit pictures and
     DICOM, which :meth:`~sam2rad_monai.io.UltrasoundImage.rgb_uint8` scales by its nominal bit depth) are kept;
-    deeper data (16-bit PNG, NIfTI of another range) are scaled by their own min..max onto 0..255, in float32."""
+    deeper data (16-bit PNG, NIfTI of another range) are scaled by their own min..max onto 0..255, in float32.
+    Hand-written because MONAI's ``ScaleIntensity`` rescales every image, which would stretch 8-bit frames."""
     values = array.float() if isinstance(array, torch.Tensor) else np.asarray(array, dtype=np.float32)
     lo, hi = float(values.min()), float(values.max())
     if lo >= 0 and hi <= 255:

@@ -133,7 +133,8 @@ class FeatureCache:
                     "boxes": convert_to_tensor(sample["boxes"], track_meta=False).float(),
                     "present": convert_to_tensor(sample["present"], track_meta=False).float(),
                 }
-                _atomic_save(entry, self.path(item, view))
+                with atomic_write_path(self.path(item, view)) as tmp:
+                    torch.save(entry, tmp)
             if progress is not None:
                 progress(len(chunk))
         return len(todo)
@@ -211,8 +212,4 @@ class CachedFeatureDataset(Dataset):
         return {"features": features, "masks": masks, "boxes": boxes, "present": entry["present"],
                 "id": str(item.get("id", index))}
 
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    with atomic_write_path(path) as tmp:
-        torch.save(obj, tmp)
 
