@@ -40,7 +40,7 @@ from .io import UltrasoundImage, UltrasoundReadError, read_ultrasound
 from .io.dicom import DICOM_SUFFIXES, instance_order_key
 from .io.nifti import NIFTI_SUFFIXES
 
-__all__ = ["InputItem", "LoadedInput", "discover_inputs", "one_line", "read_frames", "read_input"]
+__all__ = ["InputItem", "LoadedInput", "discover_inputs", "frame_datalist", "one_line", "read_frames", "read_input"]
 
 # Side files of datasets and exports; never images, so they are skipped rather than reported as bad DICOM.
 IGNORED_SUFFIXES = frozenset({".txt", ".md", ".csv", ".json", ".xml", ".html", ".htm", ".pdf", ".yaml", ".yml",
@@ -130,6 +130,24 @@ def discover_inputs(root: str | os.PathLike[str], exclude: Iterable[str | os.Pat
     skip = {Path(p).resolve() for p in exclude}
     items = _scan_folder(root, root, skip)
     return _dedupe_outputs(items)
+
+
+def frame_datalist(root: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """``[{"image": path}]`` of the single-file 2D inputs under ``root`` (pictures, NIfTI, single-frame DICOM), for
+    the bundle's standard MONAI evaluator (``configs/inference.json``: ``dataset``), which maps one file to one frame.
+
+    DICOM series and multi-frame files are left to bundle inference's ``run``, which keeps one output per series or
+    loop; inputs known to be bad are left out here (``run`` reports them).
+    """
+    items = [i for i in discover_inputs(root) if i.error is None and i.kind in ("image", "nifti", "dicom")]
+    return [{"image": str(i.path)} for i in items if i.kind != "dicom" or _single_frame(_read_header(i.path))]
+
+
+def _single_frame(ds: Dataset | None) -> bool:
+    try:
+        return ds is not None and "Rows" in ds and int(ds.get("NumberOfFrames") or 1) == 1
+    except (TypeError, ValueError):
+        return False
 
 
 def _scan_folder(folder: Path, root: Path, skip: set[Path]) -> list[InputItem]:

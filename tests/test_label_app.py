@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,44 @@ def test_bad_requests_are_client_errors_and_the_server_keeps_serving(server):
         r = requests.post(f"{url}/infer/sam2rad", params={"output": "image"}, files={"file": ("x.png", f, "image/png")},
                           data={"params": "{}"}, timeout=300)
     assert r.ok, r.text
+
+
+def test_concurrent_clients_get_the_answers_of_one_at_a_time(server):
+    """Four clients at once, also while a train task runs and after it swaps the model file, get what the same
+    requests get one at a time (MONAI Label runs an inference request at a time; the app reloads a swapped file
+    between requests, never during one)."""
+    url = server["url"]
+    asks = [("sam2rad", IMAGES[1], {}), ("sam2rad", IMAGES[2], {}),
+            ("sam2rad_interactive", IMAGES[2], {"label": "nerve", "foreground": [[200, 220]], "background": []})]
+
+    def answer(i: int) -> np.ndarray:
+        return _infer(server, *asks[i])
+
+    def at_once(pool: ThreadPoolExecutor) -> list[tuple[int, np.ndarray]]:
+        # each of 4 clients sends every request, each client in its own order
+        futures = [(i, pool.submit(answer, i)) for c in range(4) for i in np.roll(np.arange(len(asks)), c)]
+        return [(int(i), f.result(timeout=600)) for i, f in futures]
+
+    with ThreadPoolExecutor(4) as pool:
+        old = [answer(i) for i in range(len(asks))]
+        assert all(np.array_equal(a, old[i]) for i, a in at_once(pool))
+
+        with (SAMPLE / "masks" / f"{IMAGES[0]}.png").open("rb") as f:  # a final label to train on
+            r = requests.put(f"{url}/datastore/label", params={"image": IMAGES[0], "tag": "final"},
+                             files={"label": (f"{IMAGES[0]}.png", f, "image/png")}, timeout=60)
+        assert r.ok, r.text
+        before = server["model"].read_bytes()
+        r = requests.post(f"{url}/train/sam2rad", params={"run_sync": False},
+                          json={"max_epochs": 1, "cache_views": 1}, timeout=60)
+        assert r.ok, r.text
+        during: list[tuple[int, np.ndarray]] = []
+        deadline = time.time() + 600
+        while (state := requests.get(f"{url}/train/", timeout=30).json().get("status")) in ("SUBMITTED", "RUNNING"):
+            during += at_once(pool)
+            assert time.time() < deadline, "the train task did not finish"
+        assert state == "DONE", state
+        assert during, "the train task ended before a request was sent while it ran"
+        assert server["model"].read_bytes() != before, "the train task did not write the model file"
+        new = [answer(i) for i in range(len(asks))]
+        assert all(np.array_equal(a, old[i]) or np.array_equal(a, new[i]) for i, a in during)
+        assert all(np.array_equal(a, new[i]) for i, a in at_once(pool))

@@ -48,7 +48,9 @@ class UltrasoundDicomReader(ImageReader):
             raise ValueError(f"{image.paths[0]}: {image.n_frames} frames; a training or evaluation image is one "
                              "frame (bundle inference reads multi-frame files)")
         frame = image.rgb_uint8()[0]
-        meta: dict[str, Any] = {"spatial_shape": np.asarray(frame.shape[:2]), "original_channel_dim": -1,
+        # spatial_shape (width, height), as MONAI's PILReader reports it whatever its indexing: tools that restore a
+        # label map to its source's size from this record (MONAI Label's Restored) read it that way
+        meta: dict[str, Any] = {"spatial_shape": np.asarray(frame.shape[1::-1]), "original_channel_dim": -1,
                                 "filename_or_obj": str(image.paths[0])}
         if image.spacing_mm is not None:
             meta["spacing"] = np.asarray(image.spacing_mm, dtype=np.float64)
