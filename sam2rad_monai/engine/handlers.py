@@ -75,7 +75,9 @@ class InitialWeights:
 
     Tensors whose name and shape match the model are loaded; the others are listed in the log and keep their fresh
     values. A file that shares no tensor with the model is an error naming it. Attach it before
-    :class:`ResumeCheckpoint`, so a resumed run still continues from its own ``last.pt``.
+    :class:`ResumeCheckpoint`, so a resumed run still continues from its own ``last.pt``. Not MONAI's
+    ``CheckpointLoader(strict_shape=False)``: that one loads into a module, where a checkpoint here is the PPN only
+    (:class:`TrainableState`), and it says nothing when no tensor matches.
 
     Args:
         path: the trained model file; ``None`` or ``""`` does nothing.
@@ -110,7 +112,9 @@ class InitialWeights:
 class ResumeCheckpoint:
     """Keep ``last.pt`` (trainable weights, optimiser and trainer state) after every epoch; resume from it at start.
 
-    The file is written atomically, so a run killed at any point resumes from its last complete epoch.
+    The file is written atomically, so a run killed at any point resumes from its last complete epoch. Not MONAI's
+    ``CheckpointSaver`` + ``CheckpointLoader``: the loader needs its file to exist when the config is built, where a
+    run here resumes only if a previous one left ``last.pt``, with the same command.
 
     Args:
         path: the checkpoint file.
