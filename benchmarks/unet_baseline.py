@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import CacheDataset
 from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
+from monai.networks.nets import BasicUNetPlusPlus, UNet
 from monai.transforms import Compose
 from PIL import Image
 
@@ -49,8 +49,13 @@ CLASS_NAMES = ("nerve", "vessel")
 SIZE = 256
 
 
-def build_unet() -> UNet:
-    """The baseline UNet: 3-channel input, background + 2 classes out."""
+def build_unet(arch: str = "unet") -> torch.nn.Module:
+    """The baseline network: 3-channel input, background + 2 classes out; ``unet`` or ``unetpp`` (MONAI's
+    ``BasicUNetPlusPlus`` with its default features, no deep supervision)."""
+    if arch == "unetpp":
+        return _FirstOutput(BasicUNetPlusPlus(spatial_dims=2, in_channels=3, out_channels=len(CLASS_NAMES) + 1))
+    if arch != "unet":
+        raise ValueError(f"arch must be unet or unetpp, got {arch!r}")
     return UNet(
         spatial_dims=2,
         in_channels=3,
@@ -59,6 +64,17 @@ def build_unet() -> UNet:
         strides=(2, 2, 2, 2),
         num_res_units=2,
     )
+
+
+class _FirstOutput(torch.nn.Module):
+    """BasicUNetPlusPlus returns a list of outputs (one without deep supervision): the network as a tensor map."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
 
 
 def _plain(value: Any) -> Any:
@@ -134,7 +150,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
           f"preprocessing {time.perf_counter() - t0:.1f}s", flush=True)
 
     torch.manual_seed(args.seed)
-    model = build_unet()
+    model = build_unet(args.arch)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     # targets (boxes) are not needed by a UNet
@@ -170,6 +186,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     train_s = time.perf_counter() - t_train
 
     model.load_state_dict(best_state)
+    if args.save_model:
+        torch.save(best_state, args.save_model)
     test_scores = evaluate(model, test_set)
     if args.per_image_csv:
         test_scores.write_csv(args.per_image_csv)
@@ -178,7 +196,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         {
             "mean_dice": round(test_scores.mean_dice(), 4),
             "units": "percent; per-class mean over test frames at original resolution, empty-mask policy",
-            "model": "monai UNet(16,32,64,128,256; strides 2x4; 2 res units), from scratch",
+            "model": ("monai UNet(16,32,64,128,256; strides 2x4; 2 res units)" if args.arch == "unet" else
+                      "monai BasicUNetPlusPlus(default features 32,32,64,128,256,32)") + ", from scratch",
             "num_images": args.num_images if args.num_images is not None else len(train_set),
             "seed": args.seed,
             "n_train": len(train_set),
@@ -213,6 +232,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rotate_degrees", type=float, default=90.0, help="augmentation's rotation range (the paper: 90)")
     p.add_argument("--no_vertical_flip", action="store_true", help="augmentation without upside-down flips")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--arch", choices=("unet", "unetpp"), default="unet", help="UNet or UNet++ (BasicUNetPlusPlus)")
+    p.add_argument("--save_model", default=None, help="write the best-validation state_dict here")
     p.add_argument("--output", required=True, help="result JSON path")
     p.add_argument("--per_image_csv", default=None, help="optional per-image test scores CSV")
     p.add_argument("--machine", default=None, help="machine description to record (e.g. lscpu model name)")

