@@ -180,6 +180,20 @@ def test_monai_label_generic_bundle_app_serves_the_bundle(tmp_path, predictor):
         log.close()
 
 
+def test_frame_datalist_keeps_single_frame_files(tmp_path):
+    from sam2rad_monai.inputs import frame_datalist
+    from sam2rad_monai.io.wrap import png_frames_to_dicom_series, png_frames_to_multiframe_dicom
+
+    shutil.copy(SAMPLE / "images" / f"{GREY_IDS[0]}.png", tmp_path)
+    pngs = [SAMPLE / "images" / f"{stem}.png" for stem in GREY_IDS]
+    still = png_frames_to_dicom_series(pngs[:1], tmp_path / "still")  # a lone single-frame instance
+    png_frames_to_dicom_series(pngs[1:], tmp_path / "series")  # two instances: one series, left to run
+    png_frames_to_multiframe_dicom(pngs, tmp_path / "loop.dcm")  # a cine loop, left to run
+    (tmp_path / "notes.txt").write_text("not an image")
+    got = sorted(Path(d["image"]).relative_to(tmp_path).as_posix() for d in frame_datalist(tmp_path))
+    assert got == sorted([f"{GREY_IDS[0]}.png", still[0].relative_to(tmp_path).as_posix()])
+
+
 def test_inference_config_wires_the_standard_ids():
     parser = ConfigParser()
     parser.read_config(CONFIGS / "inference.json")
