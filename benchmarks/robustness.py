@@ -94,13 +94,13 @@ class UNetScorer:
     """The UNet baseline on an in-memory frame, as benchmarks/unet_baseline.py scores it (predict at 256, crop the
     padding, resize the logits to the frame, argmax)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, arch: str = "unet") -> None:
         import sys
 
         sys.path.insert(0, str(Path(__file__).parent))
         from unet_baseline import SIZE, build_unet
 
-        self.net = build_unet()
+        self.net = build_unet(arch)
         self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.net.eval()
         self.pre = preprocessing_transforms(SIZE, [0.0] * 3, [255.0] * 3, len(CLASS_NAMES), label_key=None, load=False)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.setdefault("settings", {})
     test = build_datalist(args.dataset_dir, split="test")
     predictor = Sam2RadPredictor.from_checkpoint(args.model_path, len(CLASS_NAMES))
-    unet = UNetScorer(args.unet_model) if args.unet_model else None
+    unet = UNetScorer(args.unet_model, args.unet_arch) if args.unet_model else None
     frames = [load_frame(item) for item in test]
     for name, steps in settings(args.angles, args.shifts).items():
         if name in result["settings"]:
@@ -203,6 +203,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset_dir", required=True)
     p.add_argument("--model_path", default="bundle/models/model.pt")
     p.add_argument("--unet_model", default=None, help="state_dict from unet_baseline.py --save_model")
+    p.add_argument("--unet_arch", choices=("unet", "unetpp"), default="unet", help="the --arch it was trained with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--angles", type=float, nargs="*", default=[30.0, 60.0, 90.0])
     p.add_argument("--shifts", type=float, nargs="*", default=[0.1, 0.2])

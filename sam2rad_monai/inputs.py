@@ -136,11 +136,22 @@ def frame_datalist(root: str | os.PathLike[str]) -> list[dict[str, str]]:
     """``[{"image": path}]`` of the single-file 2D inputs under ``root`` (pictures, NIfTI, single-frame DICOM), for
     the bundle's standard MONAI evaluator (``configs/inference.json``: ``dataset``), which maps one file to one frame.
 
-    DICOM series and multi-frame files are left to bundle inference's ``run``, which keeps one output per series or
-    loop; inputs known to be bad are left out here (``run`` reports them).
+    DICOM series, multi-frame DICOM and NIfTI with a frame axis are left to bundle inference's ``run``, which keeps
+    one output per series or loop; inputs known to be bad are left out here (``run`` reports them).
     """
     items = [i for i in discover_inputs(root) if i.error is None and i.kind in ("image", "nifti", "dicom")]
-    return [{"image": str(i.path)} for i in items if i.kind != "dicom" or _single_frame(_read_header(i.path))]
+    return [{"image": str(i.path)} for i in items if (i.kind == "image" or (i.kind == "nifti" and _nifti_2d(i.path))
+                                                      or (i.kind == "dicom" and _single_frame(_read_header(i.path))))]
+
+
+def _nifti_2d(path: Path) -> bool:
+    try:
+        shape = list(nib.load(str(path)).shape)  # the header only
+    except Exception:  # noqa: BLE001 - unreadable: run reports it
+        return False
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return len(shape) == 2
 
 
 def _single_frame(ds: Dataset | None) -> bool:

@@ -32,9 +32,9 @@ class Sam2RadSegmenter(nn.Module):
     :class:`~sam2rad_monai.inference.Sam2RadPredictor`: a pixel is class ``k`` where that class's logit is positive
     and the highest of the kept classes.
 
-    Its ``state_dict`` is the trained model file's (the PPN and any LoRA weights, :meth:`Sam2Rad.ppn_state_dict`):
-    the frozen backbone is built from its own weights, so MONAI's checkpoint tools load ``models/model.pt`` into it
-    directly.
+    Its own ``state_dict`` / ``load_state_dict`` are the trained model file's (the PPN and any LoRA weights,
+    :meth:`Sam2Rad.ppn_state_dict`): the frozen backbone is built from its own weights, so MONAI's checkpoint tools
+    load ``models/model.pt`` into it directly. Inside a parent module it gives and takes its full state, as any module.
 
     Args:
         model: the Sam2Rad model (frozen backbone and PPN).
@@ -54,11 +54,9 @@ class Sam2RadSegmenter(nn.Module):
         return torch.cat([1.0 - probs.amax(dim=1, keepdim=True), probs], dim=1)
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):  # type: ignore[override]
-        state = self.model.ppn_state_dict()
-        if destination is None:
-            return state
-        destination.update({prefix + k: v for k, v in state.items()})  # inside a parent module's state
-        return destination
+        if destination is not None or prefix:  # inside a parent module: its full state, as any module gives
+            return super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return self.model.ppn_state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Load a trained model file's tensors (strict whatever ``strict`` says: a partial PPN is no model)."""

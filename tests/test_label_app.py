@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _infer(server, model: str, image: str, params: dict) -> np.ndarray:
     r = requests.post(f"{server['url']}/infer/{model}", params={"image": image, "output": "image"},
                       data={"params": json.dumps(params)}, timeout=300)
     assert r.ok, r.text
-    path = server["root"] / f"{model}_{image}_{time.monotonic_ns()}.nii.gz"
+    path = server["root"] / f"{model}_{image}_{uuid.uuid4().hex}.nii.gz"  # clients in threads ask the same
     path.write_bytes(r.content)
     return read_nifti_labelmap(path)
 

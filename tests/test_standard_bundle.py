@@ -21,6 +21,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
 from monai.data import MetaTensor
+from monai.utils import set_determinism
 from PIL import Image
 
 from tests.frames import GREY_IDS, SAMPLE, WIDE_RGB
@@ -47,6 +48,9 @@ def predictor() -> Sam2RadPredictor:
 def test_segmenter_gives_probabilities_whose_argmax_is_the_predictor_label_map(predictor):
     net = Sam2RadSegmenter(predictor.model).eval()
     assert set(net.state_dict()) == set(predictor.model.ppn_state_dict())  # what models/model.pt holds
+    parent = torch.nn.Sequential(net)  # inside a parent module: the full state, which loads back strictly
+    assert any(k.startswith("0.model.backbone.") for k in parent.state_dict())
+    parent.load_state_dict(parent.state_dict())
     frame = read_frames(SAMPLE / "images" / f"{WIDE_RGB}.png")[0]
     x, (h, w) = predictor.preprocess(frame)
     with torch.no_grad():
@@ -81,9 +85,11 @@ def test_monai_bundle_checks_pass(tmp_path, predictor, monkeypatch):
     monkeypatch.chdir(BUNDLE)
     meta, logging_conf = "configs/metadata.json", "configs/logging.conf"
     for workflow, files in (("train", ["configs/train.json"]), ("infer", ["configs/inference.json"])):
-        flow = ConfigWorkflow(config_file=files, meta_file=meta, logging_file=logging_conf, workflow_type=workflow)
+        flow = ConfigWorkflow(config_file=files, meta_file=meta, logging_file=logging_conf, workflow_type=workflow,
+                              output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
         flow.initialize()
         assert flow.check_properties() == [], (workflow, flow.check_properties())
+    set_determinism(None)  # train.json's initialize seeded the whole process
 
     verify_net_in_out(net_id="network_def", meta_file=meta, config_file="configs/inference.json")
 
@@ -102,9 +108,10 @@ def test_monai_bundle_checks_pass(tmp_path, predictor, monkeypatch):
 def test_standard_evaluator_writes_the_label_maps_of_run(tmp_path, predictor):
     frames = tmp_path / "frames"
     frames.mkdir()
-    stems = (GREY_IDS[0], WIDE_RGB, NON_SQUARE_GREY_RGB)
+    stems = (GREY_IDS[0], f"sub/{WIDE_RGB}", NON_SQUARE_GREY_RGB)  # a subfolder: the output mirrors the tree
+    (frames / "sub").mkdir()
     for stem in stems:
-        shutil.copy(SAMPLE / "images" / f"{stem}.png", frames)
+        shutil.copy(SAMPLE / "images" / f"{Path(stem).name}.png", frames / f"{stem}.png")
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "run_frames", "--config_file", "configs/inference.json",
                     "--input", str(frames), "--output_dir", str(tmp_path / "standard")],
                    cwd=BUNDLE, check=True, capture_output=True, timeout=600)
@@ -185,13 +192,15 @@ def test_frame_datalist_keeps_single_frame_files(tmp_path):
     from sam2rad_monai.io.wrap import png_frames_to_dicom_series, png_frames_to_multiframe_dicom
 
     shutil.copy(SAMPLE / "images" / f"{GREY_IDS[0]}.png", tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((40, 50), np.float32), np.eye(4)), tmp_path / "frame.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((40, 50, 5), np.float32), np.eye(4)), tmp_path / "cine.nii.gz")  # to run
     pngs = [SAMPLE / "images" / f"{stem}.png" for stem in GREY_IDS]
     still = png_frames_to_dicom_series(pngs[:1], tmp_path / "still")  # a lone single-frame instance
     png_frames_to_dicom_series(pngs[1:], tmp_path / "series")  # two instances: one series, left to run
     png_frames_to_multiframe_dicom(pngs, tmp_path / "loop.dcm")  # a cine loop, left to run
     (tmp_path / "notes.txt").write_text("not an image")
     got = sorted(Path(d["image"]).relative_to(tmp_path).as_posix() for d in frame_datalist(tmp_path))
-    assert got == sorted([f"{GREY_IDS[0]}.png", still[0].relative_to(tmp_path).as_posix()])
+    assert got == sorted([f"{GREY_IDS[0]}.png", "frame.nii.gz", still[0].relative_to(tmp_path).as_posix()])
 
 
 def test_inference_config_wires_the_standard_ids():

@@ -18,7 +18,7 @@ SAM_VARIANTS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
 }
 
 
-# MedSAM (Ma et al. 2024): SAM ViT-B fine-tuned on medical images, fed intensities scaled to [0, 1] (no ImageNet
+# MedSAM (Ma et al. 2024): SAM ViT-B fine-tuned on medical images, fed intensities in [0, 1] (no ImageNet
 # statistics); its released file (medsam_vit_b.pth) has SAM ViT-B's key layout
 MEDSAM = "medsam"
 
@@ -27,10 +27,12 @@ class SamBackbone(Backbone):
     """Frozen SAM v1, or MedSAM (variant ``medsam``).
 
     Args:
-        variant: ``vit_b``, ``vit_l`` or ``vit_h``; ``medsam`` is the ViT-B architecture with MedSAM's input scaling
+        variant: ``vit_b``, ``vit_l`` or ``vit_h``; ``medsam`` is the ViT-B architecture fed intensities in [0, 1]
             (pixels / 255, where SAM subtracts ImageNet means), for ``medsam_vit_b.pth``. MedSAM's own inference
-            also resizes a frame to 1024 x 1024 whatever its aspect; here it is resized by its longest side and
-            padded, as for every backbone.
+            min-max normalises each frame and resizes it to 1024 x 1024 whatever its aspect; here the project's one
+            intensity rule (:func:`~sam2rad_monai.transforms.to_0_255`, then / 255: the same as min-max for a frame
+            spanning 0..255, darker for a low-contrast one) and resize-by-longest-side with padding apply, as for
+            every backbone.
         checkpoint: the user's SAM checkpoint (e.g. ``sam_vit_b_01ec64.pth``); required unless ``pretrained`` is False.
         image_size: model input side; 1024 for the released weights (smaller sizes for tests with random weights).
         pretrained: ``False`` builds random weights (tests only).

@@ -113,8 +113,8 @@ class ResumeCheckpoint:
     """Keep ``last.pt`` (trainable weights, optimiser and trainer state) after every epoch; resume from it at start.
 
     The file is written atomically, so a run killed at any point resumes from its last complete epoch. Not MONAI's
-    ``CheckpointSaver`` + ``CheckpointLoader``: the loader needs its file to exist when the config is built, where a
-    run here resumes only if a previous one left ``last.pt``, with the same command.
+    ``CheckpointSaver`` + ``CheckpointLoader``: the loader has no "only if the file exists" option, where a run here
+    resumes only if a previous one left ``last.pt``, with the same command.
 
     Args:
         path: the checkpoint file.
