@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -26,17 +24,12 @@ from sam2rad_monai.inference import Sam2RadPredictor  # noqa: E402
 from sam2rad_monai.inputs import read_frames  # noqa: E402
 from sam2rad_monai.io import read_nifti_labelmap  # noqa: E402
 from sam2rad_monai.metrics import per_class_scores  # noqa: E402
+from tests.label_server import label_server  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "data" / "usgra_sample"  # CC BY 4.0, see its README
 MODEL = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
 IMAGES = ["0017", "0031", "0175"]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,31 +42,10 @@ def server(tmp_path_factory):
     model = root / "model" / "model.pt"
     model.parent.mkdir()
     shutil.copy(MODEL, model)
-    port = _free_port()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(  # the documented launcher
-        [sys.executable, "-m", "sam2rad_monai.monailabel", "--studies", str(studies), "--port", str(port),
-         "--model_path", str(model)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"MONAI Label did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+    cmd = [sys.executable, "-m", "sam2rad_monai.monailabel", "--studies", str(studies), "--port", "{port}",
+           "--model_path", str(model)]  # the documented launcher
+    with label_server(cmd, root / "server.log", timeout=180) as url:
         yield {"url": url, "studies": studies, "model": model, "root": root}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _infer(server, model: str, image: str, params: dict) -> np.ndarray:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +23,7 @@ from monai.utils import set_determinism
 from PIL import Image
 
 from tests.frames import GREY_IDS, SAMPLE, WIDE_RGB
+from tests.label_server import label_server
 from sam2rad_monai.inference import Sam2RadPredictor
 from sam2rad_monai.inputs import read_frames
 from sam2rad_monai.network import AsLabelMapd, Sam2RadSegmenter
@@ -124,12 +123,6 @@ def test_standard_evaluator_writes_the_label_maps_of_run(tmp_path, predictor):
             assert _dice(stored.T, ours, k) > 0.99, (stem, k)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_monai_label_generic_bundle_app_serves_the_bundle(tmp_path, predictor):
     pytest.importorskip("monailabel")
@@ -147,24 +140,9 @@ def test_monai_label_generic_bundle_app_serves_the_bundle(tmp_path, predictor):
     stems = (GREY_IDS[1], NON_SQUARE_GREY_RGB)
     for stem in stems:
         shutil.copy(SAMPLE / "images" / f"{stem}.png", studies)
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-         "--host", "127.0.0.1", "--port", str(port), "--conf", "models", "sam2rad", "--conf", "zoo_source", "github"],
-        stdout=log, stderr=subprocess.STDOUT, env=server_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"MONAI Label did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", "{port}", "--conf", "models", "sam2rad", "--conf", "zoo_source", "github"]
+    with label_server(cmd, tmp_path / "server.log", env=server_env()) as url:
         info = requests.get(f"{url}/info/", timeout=30).json()
         assert info["models"]["sam2rad"]["labels"] == {"nerve": 1, "vessel": 2}
         for stem in stems:
@@ -178,13 +156,6 @@ def test_monai_label_generic_bundle_app_serves_the_bundle(tmp_path, predictor):
             assert served.shape == own.shape
             for k in (1, 2):
                 assert _dice(served, own, k) > 0.99, (stem, k)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_frame_datalist_keeps_single_frame_files(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, Features
+from .sam import sam_prompt_modules
 
 # the classifier head MobileSAM's TinyViT keeps from its ImageNet pretraining (in the file, unused by SAM)
 _CLASSIFIER_CLASSES = 1000
@@ -52,16 +53,8 @@ class MobileSamBackbone(Backbone):
 
     def __init__(self, checkpoint: str | Path | None = None, pretrained: bool = True) -> None:
         super().__init__()
-        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-
         self.image_encoder = _mobilesam_tinyvit()
-        self.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
-                                            input_image_size=(1024, 1024), mask_in_chans=16)
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-        )
+        self.prompt_encoder, self.mask_decoder = sam_prompt_modules(self.image_size, 64)
         if pretrained:
             if checkpoint is None:
                 raise ValueError("the mobilesam backbone needs its checkpoint file (mobile_sam.pt; nothing is "

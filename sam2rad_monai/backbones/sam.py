@@ -23,6 +23,21 @@ SAM_VARIANTS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
 MEDSAM = "medsam"
 
 
+def sam_prompt_modules(image_size: int, grid: int) -> tuple[nn.Module, nn.Module]:
+    """SAM's prompt encoder and mask decoder (as released, shared by SAM v1 and MobileSAM) for an input of
+    ``image_size`` pixels embedded on a ``grid`` x ``grid`` grid."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                                   input_image_size=(image_size, image_size), mask_in_chans=16)
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
 class SamBackbone(Backbone):
     """Frozen SAM v1, or MedSAM (variant ``medsam``).
 
@@ -43,7 +58,7 @@ class SamBackbone(Backbone):
     def __init__(self, variant: str = "vit_b", checkpoint: str | Path | None = None, image_size: int = 1024,
                  pretrained: bool = True) -> None:
         super().__init__()
-        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+        from segment_anything.modeling import ImageEncoderViT
 
         if variant not in SAM_VARIANTS and variant != MEDSAM:
             raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS) + [MEDSAM]}")
@@ -58,14 +73,7 @@ class SamBackbone(Backbone):
             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=patch, qkv_bias=True,
             use_rel_pos=True, global_attn_indexes=global_blocks, window_size=14, out_chans=256,
         )
-        grid = image_size // patch
-        self.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
-                                            input_image_size=(image_size, image_size), mask_in_chans=16)
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-        )
+        self.prompt_encoder, self.mask_decoder = sam_prompt_modules(image_size, image_size // patch)
         if pretrained:
             if checkpoint is None:
                 raise ValueError(f"the sam {variant} backbone needs a checkpoint file (nothing is downloaded); "
