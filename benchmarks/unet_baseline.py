@@ -19,6 +19,9 @@ Same pieces as Sam2Rad, so the comparison is fair:
 
 Model: ``UNet(2D, 3 -> 3 channels, channels 16..256, strides 2 x 4, 2 residual units)``, ``DiceCELoss`` (softmax,
 one-hot targets), AdamW lr 1e-3, batch 8. Runs on CPU by default; ``--threads`` caps torch's threads.
+``--device cuda`` trains, predicts and resizes the logits on the GPU (augmentation and scoring stay on the CPU);
+the GPU's name is recorded. cuDNN's defaults are kept (TF32 convolutions,
+non-deterministic kernels), so a GPU run is not bit-identical to a CPU run or to a rerun.
 """
 
 from __future__ import annotations
@@ -112,18 +115,21 @@ def augmented_batch(samples: list[dict[str, Any]], augment: Compose) -> tuple[to
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, samples: list[dict[str, Any]], batch_size: int = 8) -> SegmentationScores:
-    """Score the model on ``samples`` at each frame's original resolution."""
+def evaluate(
+    model: torch.nn.Module, samples: list[dict[str, Any]], batch_size: int = 8, device: torch.device | str = "cpu"
+) -> SegmentationScores:
+    """Score the model (on ``device``) on ``samples`` at each frame's original resolution."""
     model.eval()
     scores = SegmentationScores(len(CLASS_NAMES), list(CLASS_NAMES))
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        logits = model(torch.stack([s["image"] for s in chunk]))
+        logits = model(torch.stack([s["image"] for s in chunk]).to(device))
         for s, logit in zip(chunk, logits):
             h, w = s["input_size"]
             crop = logit[None, :, :h, :w]
             resized = F.interpolate(crop, size=s["original_size"], mode="bilinear", align_corners=False)
-            pred = resized[0].argmax(0).to(torch.uint8).numpy()
+            # resize and argmax where the logits are: at full resolution they are most of an evaluation's CPU time
+            pred = resized[0].argmax(0).to(torch.uint8).cpu().numpy()
             gt = np.array(Image.open(s["mask_path"]))
             if gt.shape != pred.shape:
                 raise ValueError(f"{s['mask_path']}: mask {gt.shape} but original_size {s['original_size']}")
@@ -144,13 +150,16 @@ def summarise(scores: SegmentationScores) -> dict[str, dict[str, Any]]:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train on ``train``, keep the best ``val`` epoch, score it on ``test``; return the result record."""
     t0 = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no CUDA device")
     lists = build_datalist(args.dataset_dir, num_images=args.num_images, seed=args.seed)
     train_set, val_set, test_set = (preprocess(lists[k]) for k in ("train", "val", "test"))
     print(f"train {len(train_set)}, val {len(val_set)}, test {len(test_set)}; "
           f"preprocessing {time.perf_counter() - t0:.1f}s", flush=True)
 
     torch.manual_seed(args.seed)
-    model = build_unet(args.arch)
+    model = build_unet(args.arch).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     # targets (boxes) are not needed by a UNet
@@ -168,6 +177,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         losses = []
         for start in range(0, len(order), args.batch_size):
             images, labels = augmented_batch([train_set[i] for i in order[start : start + args.batch_size]], augment)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(images), labels)
             loss.backward()
@@ -175,7 +185,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             losses.append(loss.item())
         record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 5)}
         if epoch % args.val_every == 0 or epoch == args.epochs:
-            val_dice = evaluate(model, val_set).mean_dice()
+            val_dice = evaluate(model, val_set, device=device).mean_dice()
             record["val_mean_dice"] = round(val_dice, 3)
             if val_dice > best["val_mean_dice"]:
                 best = {"val_mean_dice": round(val_dice, 4), "epoch": epoch}
@@ -183,12 +193,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         record["elapsed_s"] = round(time.perf_counter() - t0, 1)
         history.append(record)
         print(json.dumps(record), flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t_train
 
     model.load_state_dict(best_state)
     if args.save_model:
-        torch.save(best_state, args.save_model)
-    test_scores = evaluate(model, test_set)
+        # CPU tensors, so the file loads without a GPU
+        torch.save({k: v.cpu() for k, v in best_state.items()}, args.save_model)
+    test_scores = evaluate(model, test_set, device=device)
     if args.per_image_csv:
         test_scores.write_csv(args.per_image_csv)
     result: dict[str, Any] = summarise(test_scores)
@@ -213,6 +226,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "total_time_s": round(time.perf_counter() - t0, 1),
             "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch_version": torch.__version__,
             "history": history,
         }
     )
@@ -232,6 +248,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rotate_degrees", type=float, default=90.0, help="augmentation's rotation range (the paper: 90)")
     p.add_argument("--no_vertical_flip", action="store_true", help="augmentation without upside-down flips")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network trains and predicts")
     p.add_argument("--arch", choices=("unet", "unetpp"), default="unet", help="UNet or UNet++ (BasicUNetPlusPlus)")
     p.add_argument("--save_model", default=None, help="write the best-validation state_dict here")
     p.add_argument("--output", required=True, help="result JSON path")
@@ -247,6 +264,8 @@ def main() -> None:
     result = train(args)
     if args.machine:
         result["machine"] = args.machine
+    if result["gpu"]:
+        result["machine"] = f"{result['machine']}, GPU {result['gpu']}"
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
