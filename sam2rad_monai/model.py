@@ -13,6 +13,7 @@ from .backbones import Backbone, Features
 from .ppn import DensePromptPredictor, PromptPredictor
 
 MASK_PROMPT_LOGIT = 10.0  # logit magnitude a user mask, box or click writes into the mask prompt
+OPTIONAL_PPN_KEYS = ("ppn.presence_offset",)  # absent from older model files; zero when absent
 
 
 class Mode(str, Enum):
@@ -171,7 +172,9 @@ class Sam2Rad(nn.Module):
             add_lora(self.backbone.mask_decoder, rank)
             self.lora_rank = rank
         own = self.ppn_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        # model files written before a buffer existed load with its neutral value (zero presence offset)
+        optional = {k for k in OPTIONAL_PPN_KEYS if k in own} - set(state)
+        missing, unexpected = sorted(set(own) - set(state) - optional), sorted(set(state) - set(own))
         banks = {f"ppn.{name}" for name in ("bank", "bank_class", "bank_source")}  # sized by the labelled frames
         resized = sorted(k for k in set(own) & set(state) - banks if own[k].shape != state[k].shape)
         if missing or unexpected or resized:
@@ -182,6 +185,8 @@ class Sam2Rad(nn.Module):
         for key in banks & set(state):
             setattr(self.ppn, key[len("ppn."):], torch.empty_like(state[key], device=self.ppn.prototypes.device))
         self.load_state_dict(state, strict=False)
+        for key in optional:
+            self.get_buffer(key).zero_()
 
     def encode(self, images: Tensor) -> Features:
         return self.backbone.encode(images)

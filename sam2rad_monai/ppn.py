@@ -179,6 +179,10 @@ class DensePromptPredictor(nn.Module):
         bank_size: most bank pixels kept per class and for the background (a seeded random subset).
         mirror: at evaluation, average with the prediction on the left-right mirrored embedding (nnU-Net's test-time
             mirroring; training sees such mirrored embeddings through ``feature_flip_prob``).
+
+    The buffer ``presence_offset`` (C,) is subtracted from the objectness logits at evaluation: a presence threshold
+    per class chosen on held-out frames (:mod:`sam2rad_monai.engine.presence`), zero until calibrated, so every
+    consumer of the objectness (predictor, network, exported graphs, validation) applies the same rule.
     """
 
     num_tokens = 2  # the box's two tokens only
@@ -212,6 +216,7 @@ class DensePromptPredictor(nn.Module):
         # is not swamped by the background at the first steps (without it, training depended on the init seed)
         nn.init.constant_(self.head.bias, -math.log(99.0))
         self.objectness_head = nn.Linear(2 * channels, num_classes)
+        self.register_buffer("presence_offset", torch.zeros(num_classes))
 
     @torch.no_grad()
     def set_prototypes(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
@@ -316,6 +321,8 @@ class DensePromptPredictor(nn.Module):
             logits, objectness = (plain + mirrored.flip(-1)) / 2, objectness.reshape(2, -1, self.num_classes).mean(0)
         else:
             logits, objectness = self._predict(embed, neighbours)
+        if not self.training:
+            objectness = objectness - self.presence_offset
         logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
         if not self.training:
             # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))

@@ -215,6 +215,7 @@ class SetPrototypes:
                 yield embeds.to(ppn.prototypes.device), masks.to(ppn.prototypes.device)
 
         ppn.set_prototypes(batches())
+        ppn.presence_offset.zero_()  # a presence calibration belongs to the weights it was chosen for
         logger.info("dense PPN prototypes set from %d training images", len(self.dataset.data))
         if not getattr(ppn, "neighbours", 0):
             return

@@ -1,0 +1,114 @@
+"""Presence thresholds from a K-fold cross-validation of the training split.
+
+A validation split of a few dozen frames holds few frames without a given structure (usgra's holds one frame
+without the vessel), too few to choose a presence threshold on. This pools the held-out folds instead: every
+labelled training frame is scored once by a model that did not train on it.
+
+Steps (from ``bundle/``):
+
+1. ``--make_folds``: split train + validation into K folds stratified by which classes each frame holds (seeded)
+   and write ``fold{k}.json`` datalists;
+2. train one model per fold with the bundle, the fold's datalist replacing the default one::
+
+       uv run python -m monai.bundle run training --config_file "['configs/train.json','configs/few_shot.json']" \\
+           --dataset_dir <data> --num_train_images '$None' --cache_views 2 --max_steps 1000 --val_interval 250 \\
+           --datalist "\\$__import__('json').load(open('<out>/fold0.json'))" --output_dir <out>/fold0
+
+3. ``--score``: score every fold model on its held-out fold (:func:`~sam2rad_monai.engine.presence.held_out_rows`),
+   pool the rows, choose per-class thresholds (:func:`~sam2rad_monai.engine.presence.presence_thresholds`), write
+   ``presence_cv.json``, and with ``--apply_to`` store them in a model file's presence offset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sam2rad_monai.data import build_datalist
+from sam2rad_monai.engine.evaluation import load_frame
+from sam2rad_monai.engine.presence import (PresenceRow, held_out_rows, presence_summary, presence_thresholds,
+                                           write_presence_offset)
+from sam2rad_monai.inference import Sam2RadPredictor
+
+
+def make_folds(dataset_dir: str, folds: int, num_classes: int, seed: int = 0) -> list[dict[str, list]]:
+    """K datalists (``train`` = the other folds, ``val`` = this fold, ``test`` unchanged) over train + validation,
+    each fold holding about the same share of every class-presence pattern."""
+    data = build_datalist(dataset_dir, seed=seed)
+    groups: dict[tuple[bool, ...], list] = defaultdict(list)
+    for item in data["train"] + data["val"]:
+        label = load_frame(item)[1]
+        groups[tuple(bool((label == k).any()) for k in range(1, num_classes + 1))].append(item)
+    rng, assigned, count = random.Random(seed), [[] for _ in range(folds)], 0
+    for pattern in sorted(groups):
+        members = groups[pattern]
+        rng.shuffle(members)
+        for item in members:
+            assigned[count % folds].append(item)
+            count += 1
+    out = []
+    for k in range(folds):
+        held = sorted(assigned[k], key=lambda x: x["id"])
+        rest = sorted((x for j in range(folds) if j != k for x in assigned[j]), key=lambda x: x["id"])
+        out.append({"train": rest, "val": held, "test": data["test"]})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--output_dir", required=True, help="fold datalists, fold runs (fold{k}/) and results")
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--num_classes", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--make_folds", action="store_true")
+    parser.add_argument("--score", action="store_true")
+    parser.add_argument("--score_folds", type=int, nargs="*", default=None, help="folds to score (default: all)")
+    parser.add_argument("--apply_to", nargs="*", default=[], help="model files whose presence offset to set")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.make_folds:
+        for k, fold in enumerate(make_folds(args.dataset_dir, args.folds, args.num_classes, args.seed)):
+            (out / f"fold{k}.json").write_text(json.dumps(fold, indent=1))
+            print(f"fold {k}: {len(fold['train'])} training, {len(fold['val'])} held-out frames")
+    if not args.score:
+        return
+    rows, encoder = [], None
+    scored = args.score_folds if args.score_folds is not None else list(range(args.folds))
+    for k in scored:
+        saved = out / f"rows{k}.json"  # a fold's rows are kept, so a rerun scores only the folds it lacks
+        if saved.is_file():
+            rows += [PresenceRow(**r) for r in json.loads(saved.read_text())]
+            continue
+        held = json.loads((out / f"fold{k}.json").read_text())["val"]
+        predictor = Sam2RadPredictor.from_checkpoint(out / f"fold{k}" / "models" / "model.pt", args.num_classes)
+        if encoder is None:  # the frozen encoder is the same in every fold
+            encoder = predictor
+        frames = [load_frame(item)[0] for item in held]
+        features, _ = encoder.encode(frames)
+        fold_rows = held_out_rows(predictor, held, features)
+        saved.write_text(json.dumps([asdict(r) for r in fold_rows]))
+        rows += fold_rows
+        print(f"fold {k}: {len(held)} held-out frames scored")
+    thresholds = presence_thresholds(rows, args.num_classes)
+    report = {"folds": args.folds, "scored_folds": scored, "seed": args.seed,
+              "classes": presence_summary(rows, thresholds), "rows": [asdict(r) for r in rows]}
+    for c, entry in report["classes"].items():
+        print(f"class {c}: threshold {entry['threshold']:.3f}; held-out Dice {entry['dice_before']:.2f} -> "
+              f"{entry['dice_after']:.2f}; {entry}")
+    (out / "presence_cv.json").write_text(json.dumps(report, indent=1))
+    for path in args.apply_to:
+        print(f"presence offset += {thresholds.tolist()} in {write_presence_offset(path, thresholds)}")
+
+
+if __name__ == "__main__":
+    main()
