@@ -41,6 +41,7 @@ from .io import UltrasoundReadError, write_dicom_seg, write_nifti, write_nifti_l
 from .io.dicom import package_version
 from .model import Mode
 from .prompt_file import load_prompts
+from .temporal import DEFAULT_ALPHA, DEFAULT_PRESENCE_ALPHA, LoopState
 
 __all__ = ["OUTPUT_FORMATS", "InferenceRunner", "InputResult", "RunSummary", "run_cli"]
 
@@ -100,6 +101,7 @@ class _Job:
     loaded: LoadedInput
     prompts: list[FramePrompts | None]
     predictions: list[np.ndarray | None]  # label maps only: logits of a long cine would not fit in memory
+    loop: LoopState | None = None  # temporal mode: what the input's earlier frames carry to the next
 
     @property
     def done(self) -> bool:
@@ -120,12 +122,17 @@ class InferenceRunner:
         output_format: ``nifti`` or ``dicomseg`` (DICOM inputs only; others fall back to NIfTI with a warning).
         mode: ``autonomous``, ``refine`` or ``manual``; the last two need ``prompts``.
         prompts: a prompts JSON file (see :func:`load_prompts`) or its parsed content.
+        temporal: segment the frames of each multi-frame input in order, each blended with the input's earlier
+            frames (:mod:`sam2rad_monai.temporal`; autonomous mode only; single frames are unaffected).
+        temporal_alpha, temporal_presence_alpha: the new frame's weights in that blend (logits, objectness).
         stdout, stderr: where the summary and the error / warning lines go.
     """
 
     def __init__(self, predictor: Sam2RadPredictor, class_names: Sequence[str], output_dir: str | os.PathLike[str],
                  output_format: str = "nifti", mode: str = "autonomous",
                  prompts: str | os.PathLike[str] | Mapping[str, dict[int | None, FramePrompts]] | None = None,
+                 temporal: bool = False, temporal_alpha: float = DEFAULT_ALPHA,
+                 temporal_presence_alpha: float = DEFAULT_PRESENCE_ALPHA,
                  stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
@@ -140,6 +147,10 @@ class InferenceRunner:
                 f"--mode {self.mode.value} needs user prompts: pass --prompts prompts.json with boxes / points per "
                 "input file and class name (format: sam2rad_monai.prompt_file.load_prompts), or use "
                 "--mode autonomous")
+        if temporal and self.mode is not Mode.AUTONOMOUS:
+            raise ValueError(f"--temporal segments loops autonomously; it does not take --mode {self.mode.value}")
+        self.temporal, self.temporal_alpha = bool(temporal), float(temporal_alpha)
+        self.temporal_presence_alpha = float(temporal_presence_alpha)
         self.predictor = predictor
         self.class_names = list(class_names)
         if len(self.class_names) != predictor.model.num_classes:
@@ -208,7 +219,8 @@ class InferenceRunner:
             self._fail(result, f"{item.path}: manual mode segments only what is prompted, and the prompts file "
                                f"has nothing for '{item.name}'")
             return None
-        return _Job(item, result, loaded, prompts, [None] * len(loaded.frames))
+        return _Job(item, result, loaded, prompts, [None] * len(loaded.frames),
+                    LoopState() if self.temporal else None)
 
     def _prompts_for(self, item: InputItem, n_frames: int) -> list[FramePrompts | None]:
         spec = self.prompts.get(item.name) or self.prompts.get(item.path.name) or {}
@@ -233,7 +245,7 @@ class InferenceRunner:
         t0 = time.perf_counter()
         features, _ = self.predictor.encode(frames)
         t1 = time.perf_counter()
-        preds = self._decode(frames, prompts, features)
+        preds = self._decode([job for job, _ in batch], frames, prompts, features)
         t2 = time.perf_counter()
         summary.encoder_s += t1 - t0
         summary.decoder_s += t2 - t1
@@ -252,11 +264,23 @@ class InferenceRunner:
                 remaining.append(job)
         return remaining
 
-    def _decode(self, frames: list[np.ndarray], prompts: list[FramePrompts | None],
+    def _decode(self, jobs: list[_Job], frames: list[np.ndarray], prompts: list[FramePrompts | None],
                 features: dict[str, torch.Tensor]) -> list[Prediction]:
-        # the predictor handles frames without prompts: empty in manual mode, learned prompts alone in refine
-        return self.predictor.predict(frames, self.mode, prompts if self.mode is not Mode.AUTONOMOUS else None,
-                                      features=features)
+        if not self.temporal:
+            # the predictor handles frames without prompts: empty in manual mode, learned prompts alone in refine
+            return self.predictor.predict(frames, self.mode, prompts if self.mode is not Mode.AUTONOMOUS else None,
+                                          features=features)
+        preds: list[Prediction] = []
+        start = 0
+        while start < len(jobs):  # a batch holds each input's pending frames in order, input after input
+            stop = start + 1
+            while stop < len(jobs) and jobs[stop] is jobs[start]:
+                stop += 1
+            rows = {k: v[start:stop] for k, v in features.items()}
+            preds += self.predictor.predict(frames[start:stop], features=rows, loop=jobs[start].loop,
+                                            alpha=self.temporal_alpha, presence_alpha=self.temporal_presence_alpha)
+            start = stop
+        return preds
 
     def _write(self, job: _Job) -> None:
         item, result, loaded = job.item, job.result, job.loaded

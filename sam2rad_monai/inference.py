@@ -15,6 +15,7 @@ from torch import Tensor
 from .backbones import Backbone, build_backbone, read_state_dict
 from .model import MASK_PROMPT_LOGIT, Mode, Prompts, Sam2Rad
 from .runtime import ExportedRuntime
+from .temporal import DEFAULT_ALPHA, DEFAULT_PRESENCE_ALPHA, LoopState, blend
 from .transforms import preprocessing_transforms
 
 
@@ -133,7 +134,8 @@ class Sam2RadPredictor:
     @torch.no_grad()
     def predict(self, frames: Sequence[np.ndarray], mode: Mode | str = Mode.AUTONOMOUS,
                 prompts: Sequence[FramePrompts | None] | None = None,
-                features: dict[str, Tensor] | None = None) -> list[Prediction]:
+                features: dict[str, Tensor] | None = None, loop: LoopState | None = None,
+                alpha: float = DEFAULT_ALPHA, presence_alpha: float = DEFAULT_PRESENCE_ALPHA) -> list[Prediction]:
         """Segment every class in every frame.
 
         Args:
@@ -141,8 +143,14 @@ class Sam2RadPredictor:
             mode: ``autonomous``, ``refine`` or ``manual``.
             prompts: per-frame user prompts (refine / manual), in frame pixels; ignored in autonomous mode.
             features: precomputed features of these frames (from :meth:`encode`) to skip the encoder.
+            loop: temporal mode (autonomous only): ``frames`` are consecutive frames of one cine loop, blended in
+                order with the loop's earlier frames (:func:`~sam2rad_monai.temporal.blend`, new-frame weights
+                ``alpha`` and ``presence_alpha``); pass the same :class:`~sam2rad_monai.temporal.LoopState` for the
+                loop's next frames.
         """
         mode = Mode(mode)
+        if loop is not None and mode is not Mode.AUTONOMOUS:
+            raise ValueError(f"temporal mode segments loops autonomously; it does not take {mode.value} mode")
         prompts = list(prompts) if prompts is not None else [None] * len(frames)
         if mode is not Mode.AUTONOMOUS and all(p is None or p.is_empty() for p in prompts):
             if mode is Mode.MANUAL:  # nothing prompted, nothing segmented
@@ -165,7 +173,12 @@ class Sam2RadPredictor:
             model = self.runtime if self.runtime is not None and mode is Mode.AUTONOMOUS else self.model
             out = model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
             for i in range(stop - start):
-                results.append(self._postprocess(out, i, np.asarray(frames[start + i]).shape[:2],
+                frame_out, index = out, i
+                if loop is not None:
+                    logits, objectness = blend(loop, out["logits"][i], out["objectness"][i], alpha, presence_alpha)
+                    frame_out, index = {"logits": logits[None], "objectness": objectness[None],
+                                        "iou": out["iou"][i : i + 1]}, 0
+                results.append(self._postprocess(frame_out, index, np.asarray(frames[start + i]).shape[:2],
                                                  sizes[start + i], prompts[start + i], mode))
         return results
 
