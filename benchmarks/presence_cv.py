@@ -39,7 +39,8 @@ from sam2rad_monai.inference import Sam2RadPredictor
 
 def make_folds(dataset_dir: str, folds: int, num_classes: int, seed: int = 0) -> list[dict[str, list]]:
     """K datalists (``train`` = the other folds, ``val`` = this fold, ``test`` unchanged) over train + validation,
-    each fold holding about the same share of every class-presence pattern."""
+    each fold holding about the same share of every class-presence pattern (patterns of several classes at once,
+    which MONAI's ``partition_dataset_classes`` with one label per item does not stratify on)."""
     data = build_datalist(dataset_dir, seed=seed)
     groups: dict[tuple[bool, ...], list] = defaultdict(list)
     for item in data["train"] + data["val"]:

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import TextIO
 
@@ -271,15 +272,13 @@ class InferenceRunner:
             return self.predictor.predict(frames, self.mode, prompts if self.mode is not Mode.AUTONOMOUS else None,
                                           features=features)
         preds: list[Prediction] = []
-        start = 0
-        while start < len(jobs):  # a batch holds each input's pending frames in order, input after input
-            stop = start + 1
-            while stop < len(jobs) and jobs[stop] is jobs[start]:
-                stop += 1
-            rows = {k: v[start:stop] for k, v in features.items()}
-            preds += self.predictor.predict(frames[start:stop], features=rows, loop=jobs[start].loop,
-                                            alpha=self.temporal_alpha, presence_alpha=self.temporal_presence_alpha)
-            start = stop
+        # a batch holds each input's pending frames in order, input after input
+        for _, group in groupby(range(len(jobs)), key=lambda row: id(jobs[row])):
+            rows = list(group)
+            part = slice(rows[0], rows[-1] + 1)
+            preds += self.predictor.predict(frames[part], features={k: v[part] for k, v in features.items()},
+                                            loop=jobs[rows[0]].loop, alpha=self.temporal_alpha,
+                                            presence_alpha=self.temporal_presence_alpha)
         return preds
 
     def _write(self, job: _Job) -> None:

@@ -3,8 +3,9 @@
 Each frame of a loop still gets its own learned prompts (the prompt-free path runs on every frame, so a structure
 that leaves the view and returns is found again); temporal mode carries the loop's recent evidence forward by
 blending each frame's output logits and objectness with the previous frame's blended ones (exponential moving
-averages with weights ``alpha`` and ``presence_alpha`` on the new frame). A structure then keeps its identity and extent through a loop
-instead of flickering with each frame's independent errors, and a single frame's low objectness no longer drops it.
+averages with weights ``alpha`` and ``presence_alpha`` on the new frame). A structure then keeps its identity and
+extent through a loop instead of flickering with each frame's independent errors, and a single frame's low
+objectness no longer drops it.
 Both are blended in the model's padded input frame, which the frames of one loop share. SAM2's memory encoder and
 memory attention are not used here.
 """

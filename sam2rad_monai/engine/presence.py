@@ -71,6 +71,18 @@ def held_out_rows(predictor: Sam2RadPredictor, items: Sequence[dict[str, Any]],
     return rows
 
 
+def _held_out(rows: Sequence[PresenceRow], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Objectness, kept and dropped scores (each (N,)) of class ``k``'s rows."""
+    sel = [r for r in rows if r.class_index == k]
+    return (np.array([r.objectness for r in sel]), np.array([r.kept for r in sel]),
+            np.array([r.dropped for r in sel]))
+
+
+def _mean_dice(obj: np.ndarray, kept: np.ndarray, dropped: np.ndarray, threshold: float) -> float:
+    """Held-out mean Dice (%) when a class is kept at objectness >= ``threshold``."""
+    return float(100 * np.where(obj >= threshold, kept, dropped).mean()) if len(obj) else float("nan")
+
+
 def presence_thresholds(rows: Sequence[PresenceRow], num_classes: int) -> np.ndarray:
     """Per class, the objectness threshold (C,) maximising the held-out mean Dice of ``rows``.
 
@@ -79,15 +91,13 @@ def presence_thresholds(rows: Sequence[PresenceRow], num_classes: int) -> np.nda
     """
     out = np.zeros(num_classes)
     for k in range(1, num_classes + 1):
-        sel = [r for r in rows if r.class_index == k]
-        if not sel:
+        obj, kept, dropped = _held_out(rows, k)
+        if not len(obj):
             continue
-        obj = np.array([r.objectness for r in sel])
-        kept, dropped = np.array([r.kept for r in sel]), np.array([r.dropped for r in sel])
         values = np.unique(obj)
         candidates = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [values[0] - 1.0, values[-1] + 1.0]])
-        scores = np.array([np.where(obj >= t, kept, dropped).mean() for t in candidates])
-        best = np.flatnonzero(scores >= scores.max() - 1e-12)
+        scores = np.array([_mean_dice(obj, kept, dropped, t) for t in candidates])
+        best = np.flatnonzero(scores >= scores.max() - 1e-9)
         out[k - 1] = candidates[best[np.argmin(np.abs(candidates[best]))]]
     return out
 
@@ -97,15 +107,11 @@ def presence_summary(rows: Sequence[PresenceRow], thresholds: Sequence[float]) -
     class, false calls and missed structures before and after."""
     out = {}
     for k, threshold in enumerate(thresholds, start=1):
-        sel = [r for r in rows if r.class_index == k]
-        obj = np.array([r.objectness for r in sel])
-        kept, dropped = np.array([r.kept for r in sel]), np.array([r.dropped for r in sel])
+        obj, kept, dropped = _held_out(rows, k)
         without = dropped > 0
-        out[str(k)] = {"threshold": float(threshold),
-                       "dice_before": float(100 * np.where(obj >= 0, kept, dropped).mean()) if sel else float("nan"),
-                       "dice_after": float(100 * np.where(obj >= threshold, kept, dropped).mean()) if sel
-                       else float("nan"),
-                       "frames": len(sel), "frames_without": int(without.sum()),
+        out[str(k)] = {"threshold": float(threshold), "dice_before": _mean_dice(obj, kept, dropped, 0.0),
+                       "dice_after": _mean_dice(obj, kept, dropped, threshold), "frames": len(obj),
+                       "frames_without": int(without.sum()),
                        "false_calls_before": int((obj[without] >= 0).sum()),
                        "false_calls_after": int((obj[without] >= threshold).sum()),
                        "missed_before": int((obj[~without] < 0).sum()),
