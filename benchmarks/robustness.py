@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_path = Path(args.output)
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     result.setdefault("settings", {})
-    test = build_datalist(args.dataset_dir, split="test")
+    test = build_datalist(args.dataset_dir, split="test")[:args.num_frames]
     predictor = Sam2RadPredictor.from_checkpoint(args.model_path, len(CLASS_NAMES))
     unet = UNetScorer(args.unet_model, args.unet_arch) if args.unet_model else None
     frames = [load_frame(item) for item in test]
@@ -205,6 +205,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--unet_model", default=None, help="state_dict from unet_baseline.py --save_model")
     p.add_argument("--unet_arch", choices=("unet", "unetpp"), default="unet", help="the --arch it was trained with")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_frames", type=int, default=None, help="score only the first N test frames (a smoke run)")
     p.add_argument("--angles", type=float, nargs="*", default=[30.0, 60.0, 90.0])
     p.add_argument("--shifts", type=float, nargs="*", default=[0.1, 0.2])
     p.add_argument("--output", required=True)
