@@ -296,7 +296,8 @@ class InferenceRunner:
                 if loaded.nifti is not None:
                     write_nifti_like(labels, loaded.nifti, target)
                 else:
-                    write_nifti(labels[0] if len(labels) == 1 else labels, target, loaded.spacing_mm)
+                    write_nifti(labels[0] if len(labels) == 1 else labels, target, loaded.spacing_mm,
+                                frame_time_ms=loaded.dicom.frame_time_ms if loaded.dicom is not None else None)
                 result.output_format = "nifti"
         except Exception as exc:  # noqa: BLE001 - a failed write is this input's failure, not the run's
             self._fail(result, f"{item.path}: cannot write the output ({one_line(exc)})")

@@ -271,6 +271,8 @@ def _read_nifti(path: Path) -> LoadedInput:
         data = np.stack([data[c] for c in ("R", "G", "B")], axis=-1)
         frames = [data] if data.ndim == 3 else [data[:, :, k] for k in range(data.shape[2])]
     else:
+        if data.ndim == 4 and data.shape[2] == 1:  # 2D+t: NIfTI's fourth axis is time
+            data = data[:, :, 0, :]
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim == 2:
@@ -278,7 +280,8 @@ def _read_nifti(path: Path) -> LoadedInput:
         elif data.ndim == 3:
             frames = [data[:, :, k] for k in range(data.shape[2])]
         else:
-            raise ValueError(f"unsupported NIfTI shape {data.shape}: expected (rows, columns[, frames])")
+            raise ValueError(f"unsupported NIfTI shape {data.shape}: expected (rows, columns[, frames]) or 2D+t "
+                             "(rows, columns, 1, frames)")
     scaled = to_0_255(np.stack(frames))  # one scale for all frames of a volume
     rgb = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in scaled]
     return LoadedInput(rgb, nifti=img)

@@ -31,9 +31,11 @@ from sam2rad_monai.io import (
     segment_property_codes,
     write_dicom_seg,
     write_nifti,
+    write_nifti_like,
 )
 from sam2rad_monai.io import dicomseg as dicomseg_module
 from sam2rad_monai.io.atomic import TEMP_PREFIX
+from sam2rad_monai.inputs import read_frames
 from tests.frames import GREY_IDS, SAMPLE, WIDE_RGB
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -145,17 +147,27 @@ def test_seg_that_fails_its_read_back_check_is_not_written(
 def test_nifti_cine_round_trip_and_itk_orientation(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=(3, 40, 60), dtype=np.uint8)
-    path = write_nifti(labels, tmp_path / "cine.nii.gz", spacing_mm=(0.5, 0.25))
+    path = write_nifti(labels, tmp_path / "cine.nii.gz", spacing_mm=(0.5, 0.25), frame_time_ms=40.0)
     img = nib.load(path)
-    assert img.shape == (60, 40, 3) and img.get_data_dtype() == np.uint8
-    assert np.array_equal(np.asanyarray(img.dataobj).T, labels)  # the documented transpose
+    # 2D+t: NIfTI's fourth axis is time, its step the frame time in seconds
+    assert img.shape == (60, 40, 1, 3) and img.get_data_dtype() == np.uint8
+    assert img.header.get_zooms() == pytest.approx((0.25, 0.5, 1.0, 0.04))
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    assert np.array_equal(np.asanyarray(img.dataobj)[:, :, 0].T, labels)  # the documented transpose
     assert np.array_equal(read_nifti_labelmap(path), labels)
     assert np.allclose(img.affine, np.diag([-0.25, -0.5, 1.0, 1.0]))
-    # ITK (ITK-SNAP, Slicer) sees the PNG/DICOM pixel grid: identity LPS direction.
+    # ITK (ITK-SNAP, Slicer) sees the PNG/DICOM pixel grid: identity direction, time as the fourth axis
     itk = sitk.ReadImage(str(path))
-    assert itk.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
-    assert itk.GetSpacing() == pytest.approx((0.25, 0.5, 1.0))
-    assert np.array_equal(sitk.GetArrayFromImage(itk), labels)
+    assert itk.GetDimension() == 4
+    assert itk.GetSpacing() == pytest.approx((0.25, 0.5, 1.0, 0.04))
+    assert np.array_equal(sitk.GetArrayFromImage(itk)[:, 0], labels)
+    direction = np.asarray(itk.GetDirection()).reshape(4, 4)
+    assert np.allclose(direction, np.eye(4))
+    # without a frame time the step is 1 and its unit says it is unknown
+    unknown = nib.load(write_nifti(labels, tmp_path / "cine2.nii.gz"))
+    assert unknown.header.get_zooms()[3] == 1.0 and unknown.header.get_xyzt_units() == ("mm", "unknown")
+    with pytest.raises(ValueError, match="frame_time_ms must be > 0"):
+        write_nifti(labels, tmp_path / "bad.nii.gz", frame_time_ms=0.0)
 
 
 def test_nifti_single_frame_is_2d_and_matches_itk_own_writer(tmp_path: Path) -> None:
@@ -316,3 +328,21 @@ def test_wrap_refuses_frames_of_different_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="differ in size"):
         png_frames_to_multiframe_dicom(pngs, tmp_path / "m.dcm")
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.dcm").exists()
+
+
+def test_a_2d_plus_t_nifti_loop_reads_as_frames_and_gets_labels_in_its_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    volume = rng.integers(0, 200, size=(50, 30, 1, 4)).astype(np.int16)  # (i, j, 1, t)
+    source = nib.Nifti1Image(volume, np.diag([0.3, 0.2, 1.0, 1.0]))
+    source.header.set_zooms((0.3, 0.2, 1.0, 0.05))
+    source.header.set_xyzt_units("mm", "sec")
+    nib.save(source, tmp_path / "loop.nii.gz")
+    frames = read_frames(tmp_path / "loop.nii.gz")
+    assert len(frames) == 4 and frames[0].shape == (50, 30, 3)
+    assert not np.array_equal(frames[0], frames[1])  # the time axis, not a repeated frame
+    labels = rng.integers(0, 3, size=(4, 50, 30)).astype(np.uint8)
+    out = nib.load(write_nifti_like(labels, nib.load(tmp_path / "loop.nii.gz"), tmp_path / "loop_seg.nii.gz"))
+    assert out.shape == (50, 30, 1, 4)
+    assert out.header.get_zooms() == pytest.approx((0.3, 0.2, 1.0, 0.05))
+    assert out.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj)[:, :, 0, 2], labels[2])

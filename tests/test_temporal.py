@@ -1,5 +1,6 @@
 """Temporal mode for cine loops: the blend, loops through the predictor (LiteMedSAM and sam2 on random weights), a
-structure that leaves the view and returns, and a multi-frame DICOM to a DICOM-SEG that dciodvfy accepts.
+structure that leaves the view and returns, and a multi-frame DICOM to a DICOM-SEG that dciodvfy accepts and to a
+2D+t NIfTI.
 
 Real frames come from the bundle's embedded sample (CC BY 4.0, Timm M. Kandaouroff, usgra-seg 2025)."""
 
@@ -9,6 +10,7 @@ import io
 import shutil
 import subprocess
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -123,6 +125,16 @@ def test_a_cine_dicom_in_temporal_mode_gives_one_seg_that_dciodvfy_accepts(tmp_p
     referenced = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
                   for f in ds.PerFrameFunctionalGroupsSequence}
     assert referenced <= set(range(1, 7)) and len(referenced) >= 5
+    # NIfTI of a loop: 2D+t, the DICOM's FrameTime as the time step
+    (tmp_path / "in2").mkdir()
+    png_frames_to_multiframe_dicom(frames[:2], tmp_path / "in2" / "loop.dcm", spacing_mm=(0.1, 0.1),
+                                   frame_time_ms=40.0)
+    nifti_runner = InferenceRunner(runner.predictor, ["nerve", "vessel"], tmp_path / "out2", temporal=True,
+                                   stdout=io.StringIO(), stderr=io.StringIO())
+    assert not nifti_runner.run(tmp_path / "in2").failed
+    img = nib.load(tmp_path / "out2" / "loop_seg.nii.gz")
+    assert img.shape[2:] == (1, 2) and img.header.get_xyzt_units() == ("mm", "sec")
+    assert img.header.get_zooms()[3] == pytest.approx(0.04)
     dciodvfy = shutil.which("dciodvfy")
     if dciodvfy is None:
         pytest.skip("dciodvfy (Debian dicom3tools) is not installed")

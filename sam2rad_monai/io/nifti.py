@@ -16,9 +16,12 @@ Axis convention
       map directly, because SimpleITK arrays are already (k, j, i).
 
     A single 2D frame is written as a 2D NIfTI (shape ``(W, H)``, like MONAI's
-    ``squeeze_end_dims=True``); both viewers show it as one slice. For cine, the
-    third axis is the frame index with a nominal 1.0 spacing: it is *not* a
-    physical distance.
+    ``squeeze_end_dims=True``); both viewers show it as one slice. A cine loop
+    ``(F, H, W)`` is written as 2D+t, the layout the NIfTI-1 standard gives time:
+    shape ``(W, H, 1, F)``, the fourth axis time, ``pixdim[4]`` the frame time in
+    seconds (``xyzt_units`` time "sec") where the source gives one (DICOM
+    FrameTime / FrameTimeVector), else 1 with the time unit "unknown". ITK reads it
+    as a 4D image of one slice; 3D Slicer loads it as a sequence.
 
 Spacing
     ``spacing_mm`` is (row, column) mm, e.g. :attr:`UltrasoundImage.spacing_mm`
@@ -53,17 +56,27 @@ def write_nifti(
     label_map: np.ndarray,
     path: str | os.PathLike[str],
     spacing_mm: tuple[float, float] | None = None,
+    frame_time_ms: float | None = None,
 ) -> Path:
-    """Write a uint8 label map ``(H, W)`` or ``(F, H, W)`` to ``.nii``/``.nii.gz`` atomically.
+    """Write a uint8 label map ``(H, W)``, or a loop ``(F, H, W)`` as 2D+t, to ``.nii``/``.nii.gz`` atomically.
 
-    Values must be integers in 0..255 (0 = background). Returns the path written.
+    Values must be integers in 0..255 (0 = background); ``frame_time_ms`` (a loop's time between frames) goes to
+    the header's time step. Returns the path written.
     """
     path = Path(path)
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: NIfTI output needs a .nii or .nii.gz name")
-    data = _as_uint8_label_map(label_map)
-    img = nib.Nifti1Image(np.ascontiguousarray(data.T), label_map_affine(spacing_mm))
+    if frame_time_ms is not None and not frame_time_ms > 0:
+        raise ValueError(f"frame_time_ms must be > 0, got {frame_time_ms}")
+    data = _as_uint8_label_map(label_map).T  # (W, H) or (W, H, F)
+    if data.ndim == 3:
+        data = data[:, :, None, :]
+    img = nib.Nifti1Image(np.ascontiguousarray(data), label_map_affine(spacing_mm))
     _describe(img, spacing_mm)
+    if data.ndim == 4:
+        zooms = img.header.get_zooms()
+        img.header.set_zooms(zooms[:3] + ((frame_time_ms / 1000.0) if frame_time_ms else 1.0,))
+        img.header.set_xyzt_units(xyz="mm", t="sec" if frame_time_ms else "unknown")
     with atomic_write_path(path) as tmp:
         nib.save(img, tmp)
     return path
@@ -71,8 +84,10 @@ def write_nifti(
 
 def read_nifti_labelmap(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a NIfTI written by :func:`write_nifti` back to the ``(H, W)``/``(F, H, W)`` uint8 array."""
-    img = nib.load(str(path))
-    return np.ascontiguousarray(np.asanyarray(img.dataobj).astype(np.uint8).T)
+    data = np.asanyarray(nib.load(str(path)).dataobj).astype(np.uint8)
+    if data.ndim == 4 and data.shape[2] == 1:  # a 2D+t loop
+        data = data[:, :, 0, :]
+    return np.ascontiguousarray(data.T)
 
 
 def _as_uint8_label_map(label_map: np.ndarray) -> np.ndarray:
@@ -109,9 +124,12 @@ def _describe(img: nib.Nifti1Image, spacing_mm: tuple[float, float] | None) -> N
 
 
 def write_nifti_like(labels: np.ndarray, source: nib.spatialimages.SpatialImage, path: Path) -> Path:
-    """Write (F, H, W) labels in the source NIfTI's array layout and affine, so it overlays voxel for voxel."""
+    """Write (F, H, W) labels in the source NIfTI's array layout, affine and voxel / time steps, so it overlays voxel
+    for voxel (a 2D+t source, ``(H, W, 1, F)``, gives a 2D+t label map)."""
     shape = source.shape
-    if len(shape) >= 3 and shape[2] > 1:
+    if len(shape) == 4 and shape[2] == 1 and shape[3] > 1:
+        data = labels.transpose(1, 2, 0)[:, :, None, :]
+    elif len(shape) >= 3 and shape[2] > 1:
         data = labels.transpose(1, 2, 0)
     else:
         data = labels[0].reshape(shape[:2] + (1,) * (len(shape) - 2)) if len(shape) > 2 else labels[0]
@@ -121,6 +139,7 @@ def write_nifti_like(labels: np.ndarray, source: nib.spatialimages.SpatialImage,
     _, scode = source.get_sform(coded=True)
     img.set_qform(source.affine, code=int(qcode) if qcode else 1)
     img.set_sform(source.affine, code=int(scode) if scode else 1)
+    img.header.set_zooms(source.header.get_zooms()[:data.ndim])
     img.header.set_xyzt_units(*source.header.get_xyzt_units())
     img.header.set_intent("label", name="sam2rad")
     with atomic_write_path(path) as tmp:
