@@ -316,14 +316,20 @@ def read_input(item: InputItem) -> LoadedInput:
     return LoadedInput(list(image.rgb_uint8()), dicom=image, spacing_mm=image.spacing_mm)
 
 
-def read_frames(path: str | os.PathLike[str]) -> list[np.ndarray]:
-    """The frames (H, W, 3) on 0..255 of one input file, loaded exactly as bundle inference loads it.
+def read_file(path: str | os.PathLike[str]) -> LoadedInput:
+    """One input file loaded exactly as bundle inference loads it: its frames (H, W, 3) on 0..255 and what a writer
+    needs (the DICOM's geometry and frame time, or the source NIfTI).
 
     Raises ``ValueError`` (naming the file and the reason) for anything unreadable.
     """
     path = Path(path)
     kind = _classify(path) or "dicom"
     try:
-        return read_input(InputItem(kind, [path], path.name, Path(path.stem))).frames
+        return read_input(InputItem(kind, [path], path.name, Path(path.stem)))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def read_frames(path: str | os.PathLike[str]) -> list[np.ndarray]:
+    """The frames (H, W, 3) on 0..255 of one input file (:func:`read_file`)."""
+    return read_file(path).frames

@@ -11,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from sam2rad_monai.inference import Sam2RadPredictor  # noqa: E402
 from sam2rad_monai.inputs import read_frames  # noqa: E402
 from sam2rad_monai.io import read_nifti_labelmap  # noqa: E402
 from sam2rad_monai.metrics import per_class_scores  # noqa: E402
+from sam2rad_monai.temporal import LoopState  # noqa: E402
 from tests.label_server import label_server  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "data" / "usgra_sample"  # CC BY 4.0, see its README
@@ -39,6 +41,12 @@ def server(tmp_path_factory):
     studies.mkdir()
     for name in IMAGES:
         shutil.copy(SAMPLE / "images" / f"{name}.png", studies / f"{name}.png")
+    # a cine study: 3 sample frames as a 2D+t NIfTI (columns, rows, 1, time), 40 ms apart
+    loop = np.stack([np.asarray(Image.open(SAMPLE / "images" / f"{n}.png").convert("L")).T
+                     for n in ("0017", "0031", "0017")], axis=-1)[:, :, None, :]
+    cine = nib.Nifti1Image(loop.astype(np.uint8), np.diag([-0.1, -0.1, 1.0, 1.0]))
+    cine.header.set_zooms((0.1, 0.1, 1.0, 0.04))
+    nib.save(cine, studies / "loop.nii.gz")
     model = root / "model" / "model.pt"
     model.parent.mkdir()
     shutil.copy(MODEL, model)
@@ -112,6 +120,21 @@ def test_label_app_over_http(server):
     r = requests.post(f"{server['url']}/activelearning/sam2rad_uncertainty", json={}, timeout=300)
     assert r.ok, r.text
     assert r.json()["id"] in IMAGES[1:]
+
+
+def test_a_cine_study_is_segmented_as_a_loop_over_http(server):
+    r = requests.post(f"{server['url']}/infer/sam2rad", params={"image": "loop", "output": "image"},
+                      data={"params": json.dumps({})}, timeout=300)
+    assert r.ok, r.text
+    path = server["root"] / f"loop_{uuid.uuid4().hex}.nii.gz"
+    path.write_bytes(r.content)
+    served = nib.load(path)
+    assert served.shape == (512, 512, 1, 3)  # the study's own 2D+t layout and time step
+    assert served.header.get_zooms()[3] == pytest.approx(0.04)
+    predictor = Sam2RadPredictor.from_checkpoint(server["model"], 2)  # the file the server serves now
+    own = [p.label_map for p in predictor.predict(read_frames(server["studies"] / "loop.nii.gz"), loop=LoopState())]
+    np.testing.assert_array_equal(np.asanyarray(served.dataobj)[:, :, 0, :].transpose(2, 0, 1), np.stack(own))
+    assert all({1, 2} <= set(np.unique(m)) for m in own)
 
 
 def test_bad_requests_are_client_errors_and_the_server_keeps_serving(server):

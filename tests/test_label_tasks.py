@@ -61,3 +61,44 @@ def test_monailabel_imports_under_pydicom3_with_the_shim():
     assert env["PYTHONPATH"].split(":")[0] == str(COMPAT_DIR)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_auto_infer_segments_a_cine_study_as_a_loop(tmp_path):
+    """A 3-frame cine DICOM (real sample frames) through the auto task: one 2D+t NIfTI with the DICOM's frame
+    time, the temporal predictor's label maps (per-frame ones with ``temporal: false``); a loop cannot be PNG,
+    and the interactive task refuses it by name."""
+    import nibabel as nib
+
+    from sam2rad_monai.inputs import read_frames
+    from sam2rad_monai.io import png_frames_to_multiframe_dicom
+    from sam2rad_monai.monailabel.tasks import (
+        ModelHolder,
+        RequestError,
+        Sam2RadAutoInfer,
+        Sam2RadInteractiveInfer,
+    )
+    from sam2rad_monai.temporal import LoopState
+
+    frames = [np.asarray(Image.open(SAMPLE / "images" / f"{i}.png").convert("L")) for i in ("0017", "0031", "0017")]
+    cine = png_frames_to_multiframe_dicom(frames, tmp_path / "cine.dcm", spacing_mm=(0.1, 0.1), frame_time_ms=50.0)
+    holder = ModelHolder(AppSettings(SAMPLE.parents[1] / "models" / "model.pt", ["nerve", "vessel"]))
+    task = Sam2RadAutoInfer(holder)
+    study = read_frames(cine)
+    features, _ = holder.predictor.encode(study)
+    temporal = [p.label_map for p in holder.predictor.predict(study, features=features, loop=LoopState())]
+    per_frame = [p.label_map for p in holder.predictor.predict(study, features=features)]
+    assert any(not np.array_equal(a, b) for a, b in zip(temporal, per_frame)), "the blend changes a frame"
+    for request, expected in (({}, temporal), ({"temporal": "false"}, per_frame)):
+        path, info = task({"image": str(cine), **request})
+        try:
+            img = nib.load(path)
+            assert img.shape == (512, 512, 1, 3) and img.header.get_zooms()[3] == pytest.approx(0.05)
+            np.testing.assert_array_equal(read_nifti_labelmap(path), np.stack(expected))
+        finally:
+            Path(path).unlink()
+        assert info["frames"] == 3 and info["temporal"] is (request == {})
+        assert info["found"] == ["nerve", "vessel"] and set(info["frames_found"]) == {"nerve", "vessel"}
+    with pytest.raises(RequestError, match="cannot hold a loop of 3 frames"):
+        task({"image": str(cine), "result_extension": ".png"})
+    with pytest.raises(RequestError, match="has 3 frames; only auto inference labels a loop"):
+        Sam2RadInteractiveInfer(holder)({"image": str(cine), "label": "nerve", "roi": [1, 1, 20, 20]})

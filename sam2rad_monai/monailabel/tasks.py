@@ -4,6 +4,8 @@ Coordinates in requests follow MONAI Label's 2D convention (the image as MONAI l
 ``foreground`` / ``background`` points are ``[x, y]`` pixel indices (extra entries such as a slice index are
 ignored) and ``roi`` is ``[x1, y1, x2, y2]``, the request shapes of MONAI Label's SAM2 task. Label files are written
 as 2D NIfTI in the same axis order (:func:`sam2rad_monai.io.write_nifti`), or PNG with ``result_extension: .png``.
+A multi-frame study (cine DICOM, 2D+t NIfTI) sent to auto inference is segmented as a loop, in temporal mode unless
+the request says ``temporal: false``, and comes back as one 2D+t NIfTI (or in the source NIfTI's own layout).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
-from ..inputs import read_frames
+from ..inputs import LoadedInput, read_file
 from ..inference import FramePrompts, Prediction, Sam2RadPredictor
-from ..io import write_nifti
+from ..io import write_nifti, write_nifti_like
 from ..io.atomic import atomic_write_path
 from ..runtime import check_runtime
+from ..temporal import LoopState
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "bundle" / "models" / "model.pt"
@@ -107,14 +110,20 @@ class RequestError(ValueError):
     app answers it with HTTP 400 and this message, where MONAI Label would answer any exception with 500."""
 
 
-def read_frame(path: str | os.PathLike) -> np.ndarray:
-    """A 2D frame (H, W, 3) on 0..255 (PNG / JPEG / NIfTI / ultrasound DICOM), loaded as bundle inference does."""
+def read_study(path: str | os.PathLike) -> LoadedInput:
+    """A study's frames (H, W, 3) on 0..255 (PNG / JPEG / NIfTI / ultrasound DICOM, one frame or a loop), loaded as
+    bundle inference loads them; :class:`RequestError` naming the file if unreadable."""
     try:
-        frames = read_frames(path)
+        return read_file(path)
     except ValueError as err:
         raise RequestError(str(err)) from err
+
+
+def read_frame(path: str | os.PathLike) -> np.ndarray:
+    """A 2D frame (H, W, 3) on 0..255 (:func:`read_study` of a single-frame study)."""
+    frames = read_study(path).frames
     if len(frames) != 1:
-        raise RequestError(f"{Path(path).name}: has {len(frames)} frames; the app labels single 2D frames")
+        raise RequestError(f"{Path(path).name}: has {len(frames)} frames; only auto inference labels a loop")
     return frames[0]
 
 
@@ -157,6 +166,26 @@ def write_label(label_map: np.ndarray, extension: str) -> str:
     return name
 
 
+def write_loop_label(labels: np.ndarray, study: LoadedInput, extension: str) -> str:
+    """Write a loop's (F, H, W) label maps to a temporary NIfTI MONAI Label sends back: 2D+t with the DICOM's frame
+    time, or the source NIfTI's layout and steps."""
+    if extension not in (".nii", ".nii.gz"):
+        raise RequestError(f"result_extension {extension!r} cannot hold a loop of {len(labels)} frames; use .nii.gz")
+    fd, name = tempfile.mkstemp(suffix=extension, prefix="sam2rad_")
+    os.close(fd)
+    if study.nifti is not None:
+        write_nifti_like(labels, study.nifti, Path(name))
+    else:
+        write_nifti(labels, name, study.spacing_mm,
+                    frame_time_ms=study.dicom.frame_time_ms if study.dicom is not None else None)
+    return name
+
+
+def _flag(value: Any) -> bool:
+    """A request's boolean option, which MONAI Label clients may send as a string."""
+    return value.strip().lower() not in ("false", "0", "no", "off", "") if isinstance(value, str) else bool(value)
+
+
 def _result(prediction: Prediction, names: list[str], start: float) -> dict[str, Any]:
     found = sorted({int(v) for v in np.unique(prediction.label_map)} - {0})
     out: dict[str, Any] = {"label_names": {n: k for k, n in enumerate(names, start=1)},
@@ -169,11 +198,13 @@ def _result(prediction: Prediction, names: list[str], start: float) -> dict[str,
 
 
 class Sam2RadAutoInfer(InferTask):
-    """Every class, no prompt: Sam2Rad's autonomous mode."""
+    """Every class, no prompt: Sam2Rad's autonomous mode; a loop's frames in order, blended with the loop's earlier
+    frames (:mod:`sam2rad_monai.temporal`) unless the request sets ``temporal: false``."""
 
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__(InferType.SEGMENTATION, holder.settings.labels, 2,
-                         "Sam2Rad autonomous: all classes from learned prompts", config={"result_extension": ".nii.gz"})
+                         "Sam2Rad autonomous: all classes from learned prompts (a cine loop in temporal mode)",
+                         config={"result_extension": ".nii.gz", "temporal": True})
         self.holder = holder
 
     def is_valid(self) -> bool:
@@ -181,10 +212,25 @@ class Sam2RadAutoInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         start = time.perf_counter()
-        frame = read_frame(request["image"])
-        prediction = self.holder.predictor.predict([frame], "autonomous")[0]
-        label = write_label(prediction.label_map, request.get("result_extension", ".nii.gz"))
-        return label, _result(prediction, self.holder.settings.class_names, start)
+        study = read_study(request["image"])
+        names, predictor = self.holder.settings.class_names, self.holder.predictor
+        extension = request.get("result_extension", ".nii.gz")
+        if len(study.frames) == 1:
+            prediction = predictor.predict(study.frames, "autonomous")[0]
+            return write_label(prediction.label_map, extension), _result(prediction, names, start)
+        temporal = _flag(request.get("temporal", self._config["temporal"]))
+        loop = LoopState() if temporal else None
+        predictions: list[Prediction] = []
+        for first in range(0, len(study.frames), predictor.batch_size):  # encoder batches, one loop state
+            predictions += predictor.predict(study.frames[first:first + predictor.batch_size], "autonomous", loop=loop)
+        labels = np.stack([p.label_map for p in predictions])
+        out = _result(predictions[0], names, start)
+        out.pop("iou"), out.pop("objectness", None)  # per frame below
+        present = [{int(v) for v in np.unique(p.label_map)} for p in predictions]
+        out.update(found=[n for k, n in enumerate(names, start=1) if any(k in f for f in present)],
+                   frames=len(predictions), temporal=temporal,
+                   frames_found={n: sum(k in f for f in present) for k, n in enumerate(names, start=1)})
+        return write_loop_label(labels, study, extension), out
 
 
 class Sam2RadInteractiveInfer(InferTask):
