@@ -13,6 +13,7 @@ from monai.utils import convert_to_tensor
 from torch import Tensor
 
 from .backbones import Backbone, build_backbone, read_state_dict
+from .memory import has_memory, track
 from .model import MASK_PROMPT_LOGIT, Mode, Prompts, Sam2Rad
 from .runtime import ExportedRuntime
 from .temporal import DEFAULT_ALPHA, DEFAULT_PRESENCE_ALPHA, LoopState, blend
@@ -146,7 +147,8 @@ class Sam2RadPredictor:
             loop: temporal mode (autonomous only): ``frames`` are consecutive frames of one cine loop, blended in
                 order with the loop's earlier frames (:func:`~sam2rad_monai.temporal.blend`, new-frame weights
                 ``alpha`` and ``presence_alpha``); pass the same :class:`~sam2rad_monai.temporal.LoopState` for the
-                loop's next frames.
+                loop's next frames. With the ``sam2`` backbone (PyTorch runtime) SAM2's memory tracks each class
+                instead (:func:`~sam2rad_monai.memory.track`), unless the state says ``use_memory=False``.
         """
         mode = Mode(mode)
         if loop is not None and mode is not Mode.AUTONOMOUS:
@@ -174,7 +176,13 @@ class Sam2RadPredictor:
             out = model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
             for i in range(stop - start):
                 frame_out, index = out, i
-                if loop is not None:
+                if loop is not None and loop.use_memory and model is self.model and has_memory(self.model.backbone):
+                    logits, objectness = track(self.model.backbone, {k: v[start + i : start + i + 1]
+                                                                     for k, v in features.items()},
+                                               out["logits"][i], out["objectness"][i], loop, self.objectness_threshold)
+                    frame_out, index = {"logits": logits[None], "objectness": objectness[None],
+                                        "iou": out["iou"][i : i + 1]}, 0
+                elif loop is not None:
                     logits, objectness = blend(loop, out["logits"][i], out["objectness"][i], alpha, presence_alpha)
                     frame_out, index = {"logits": logits[None], "objectness": objectness[None],
                                         "iou": out["iou"][i : i + 1]}, 0

@@ -1,4 +1,5 @@
-"""Temporal mode for cine loops on backbones without a memory (LiteMedSAM, SAM, MobileSAM).
+"""Temporal mode for cine loops: a blend of each frame's output with the loop's earlier frames (backbones without a
+memory: LiteMedSAM, SAM, MobileSAM), and the loop state that SAM2's memory uses instead (:mod:`sam2rad_monai.memory`).
 
 Each frame of a loop still gets its own learned prompts (the prompt-free path runs on every frame, so a structure
 that leaves the view and returns is found again); temporal mode carries the loop's recent evidence forward by
@@ -6,13 +7,13 @@ blending each frame's output logits and objectness with the previous frame's ble
 averages with weights ``alpha`` and ``presence_alpha`` on the new frame). A structure then keeps its identity and
 extent through a loop instead of flickering with each frame's independent errors, and a single frame's low
 objectness no longer drops it.
-Both are blended in the model's padded input frame, which the frames of one loop share. SAM2's memory encoder and
-memory attention are not used here.
+Both are blended in the model's padded input frame, which the frames of one loop share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -28,6 +29,9 @@ class LoopState:
 
     logits: Tensor | None = None  # (C, m, m) blended output logits
     objectness: Tensor | None = None  # (C,) blended objectness logits
+    use_memory: bool = True  # a backbone with a video memory (SAM2) tracks with it instead of the blend
+    frame: int = 0  # index in the loop of the next frame
+    tracks: list[dict[str, Any]] = field(default_factory=list)  # SAM2's memory: one output dict per class
 
 
 def blend(state: LoopState, logits: Tensor, objectness: Tensor, alpha: float = DEFAULT_ALPHA,

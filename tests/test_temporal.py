@@ -144,3 +144,51 @@ def test_a_cine_dicom_in_temporal_mode_gives_one_seg_that_dciodvfy_accepts(tmp_p
     with pytest.raises(ValueError, match="--temporal segments loops autonomously"):
         InferenceRunner(runner.predictor, ["nerve", "vessel"], tmp_path / "x", mode="refine", prompts={},
                         temporal=True)
+
+
+def test_sam2_memory_conditions_on_confident_frames_and_tracks_between():
+    """sam2 (random weights, real frame): class 1 is confident on frames 0-3 and 10-12 and not on 4-9, class 2
+    never. Confident frames condition SAM2's memory and keep the frame's own mask; the frames between are segmented
+    by SAM2 from its memory (its mask decoder's logits, its object score); a class never confident is left as the
+    frame gives it; the memory keeps the latest frames only; ``use_memory=False`` blends instead."""
+    torch.manual_seed(0)
+    model = Sam2Rad(build_backbone("sam2", "sam2.1_tiny", image_size=256, pretrained=False), num_classes=2).eval()
+    predictor = Sam2RadPredictor(model, batch_size=4)
+    frame = usgra_frame(GREY_IDS[0])[0].astype(np.float32)
+    features, _ = predictor.encode([frame])
+    confident = [1] * 4 + [0] * 6 + [1] * 3
+    square = torch.full((64, 64), -8.0)
+    square[20:40, 16:36] = 8.0
+    calls = iter(confident)
+
+    def scripted(batch, prompts=None, mode="autonomous"):
+        flags = torch.tensor([next(calls) for _ in range(len(batch["embed"]))], dtype=torch.float32)
+        logits = torch.stack([torch.where(flags.reshape(-1, 1, 1) > 0, square, -4.0),
+                              torch.full((len(flags), 64, 64), -8.0)], 1)
+        objectness = torch.stack([torch.where(flags > 0, 4.0, -2.0), torch.full_like(flags, -4.0)], 1)
+        return {"logits": logits, "objectness": objectness, "iou": objectness.sigmoid()}
+
+    model.forward = scripted
+    rows = torch.zeros(len(confident), dtype=torch.long)
+    state = LoopState()
+    preds = predictor.predict([frame] * len(confident), features={k: v[rows] for k, v in features.items()},
+                              loop=state)
+    assert state.frame == len(confident)
+    nerve, vessel = state.tracks
+    assert sorted(nerve["cond_frame_outputs"]) == [0, 1, 2, 3, 10, 11, 12]
+    assert sorted(nerve["non_cond_frame_outputs"]) == [4, 5, 6, 7, 8, 9]
+    assert not vessel["cond_frame_outputs"] and not vessel["non_cond_frame_outputs"]
+    own = (torch.nn.functional.interpolate(square[None, None], size=(256, 256), mode="bilinear") > 0)[0, 0].numpy()
+    for t, pred in enumerate(preds):
+        assert not (pred.label_map == 2).any()
+        if confident[t]:
+            np.testing.assert_array_equal(pred.label_map == 1, own)
+            np.testing.assert_array_equal(pred.logits[0], square.numpy())
+        else:  # SAM2's own decoder output from memory, not the frame's constant -4
+            assert not np.allclose(pred.logits[0], -4.0)
+            assert pred.objectness[0] == pytest.approx(
+                float(nerve["non_cond_frame_outputs"][t]["object_score_logits"].reshape(())))
+    calls = iter(confident)
+    blended = LoopState(use_memory=False)
+    predictor.predict([frame] * len(confident), features={k: v[rows] for k, v in features.items()}, loop=blended)
+    assert not blended.tracks and blended.logits is not None

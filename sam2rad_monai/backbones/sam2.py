@@ -16,7 +16,8 @@ SAM2_VERSIONS = ("sam2", "sam2.1")
 class Sam2Backbone(Backbone):
     """Frozen SAM2 image path: Hiera + FPN encoder, prompt encoder, and the mask decoder with its high-res levels.
 
-    The video memory modules are built (so that released checkpoints load strictly) and then dropped.
+    The video memory (memory encoder, memory attention, object pointers) is kept for temporal mode
+    (:mod:`sam2rad_monai.memory`): :attr:`video` is the whole ``SAM2Base``, whose modules are this backbone's.
 
     Args:
         size: ``tiny``, ``small``, ``base_plus`` or ``large``.
@@ -53,7 +54,13 @@ class Sam2Backbone(Backbone):
         self.prompt_encoder = model.sam_prompt_encoder
         self.mask_decoder = model.sam_mask_decoder
         self.no_mem_embed = model.no_mem_embed
+        # registered here so that they move with the backbone (.to(device)); SAM2Base's methods use them in place
+        self.memory = nn.ModuleDict({name: getattr(model, name) for name in (
+            "memory_attention", "memory_encoder", "mask_downsample", "obj_ptr_proj", "obj_ptr_tpos_proj")})
+        self.memory_parameters = nn.ParameterList(model.parameters(recurse=False))
+        object.__setattr__(self, "video", model)  # not a submodule: its modules are registered above already
         self.freeze()
+        model.eval()
 
     def checkpoint_target(self) -> nn.Module:
         return self._full_model

@@ -1,0 +1,80 @@
+"""Temporal mode with SAM2's memory: the learned prompts condition a loop where they are confident, and SAM2's
+memory encoder and memory attention carry each structure through the frames where they are not.
+
+Each class is one tracked object with its own memory, as in SAM2's video predictor. On a frame where the class's
+objectness logit is at least the predictor's presence threshold plus ``margin`` (a dense PPN has no IoU estimate
+of its own; its presence probability stands in), the model's own autonomous mask is given to SAM2 as a mask prompt
+on that frame (a conditioning frame, what ``SAM2VideoPredictor.add_new_mask`` does): the output is that mask, and
+SAM2 encodes it into the class's memory. On any other frame after the first conditioning one, SAM2 segments the
+class from its memory alone (no prompt), and its object score decides presence; before the first, the frame's own
+output stands. A structure can so start on a confident frame, be held or lost by SAM2's memory and be re-acquired
+on the next confident frame. The memory keeps the ``num_maskmem`` latest frames of each kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbones import Features
+from .temporal import LoopState
+
+
+def has_memory(backbone: torch.nn.Module) -> bool:
+    """Whether a backbone carries SAM2's video memory (the ``sam2`` family)."""
+    return getattr(backbone, "video", None) is not None
+
+
+@torch.no_grad()
+def track(backbone: torch.nn.Module, features: Features, logits: Tensor, objectness: Tensor, state: LoopState,
+          threshold: float = 0.0, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One frame of a loop through SAM2's memory.
+
+    Args:
+        backbone: a :class:`~sam2rad_monai.backbones.sam2.Sam2Backbone`.
+        features: this frame's features (batch 1: ``embed`` with the no-memory embedding added, ``hr1``, ``hr0``).
+        logits: (C, m, m) the model's autonomous output logits for this frame, m = image_size / 4.
+        objectness: (C,) its objectness logits.
+        state: the loop's state (updated: frame index, one memory per class).
+        threshold: the predictor's presence threshold on objectness logits; ``margin``: how far above it a class
+            must be to condition the frame.
+
+    Returns:
+        (C, m, m) output logits and (C,) objectness logits on the same scale (SAM2's object score, present above 0,
+        shifted by ``threshold`` on the frames it tracks).
+    """
+    sam = backbone.video
+    sam.training = False  # SAM2Base keeps its object scores only in eval mode
+    size = backbone.image_size
+    if not state.tracks:
+        state.tracks = [{"cond_frame_outputs": {}, "non_cond_frame_outputs": {}} for _ in range(len(logits))]
+    levels = [features["hr0"], features["hr1"], features["embed"] - backbone.no_mem_embed.reshape(1, -1, 1, 1)]
+    levels = [level.to(logits.dtype) for level in levels]
+    feats = [x.flatten(2).permute(2, 0, 1) for x in levels]  # (HW, 1, C), SAM2's layout
+    pos = [backbone.image_encoder.neck.position_encoding(x).to(x.dtype).flatten(2).permute(2, 0, 1) for x in levels]
+    sizes = [tuple(x.shape[-2:]) for x in levels]
+    t = state.frame
+    out_logits, out_obj = logits.clone(), objectness.clone()
+    for c, memory in enumerate(state.tracks):
+        conditioned = bool(objectness[c] >= threshold + margin)
+        if not conditioned and not memory["cond_frame_outputs"]:
+            continue  # nothing to track yet: the frame's own output stands
+        mask = None
+        if conditioned:
+            mask = (F.interpolate(logits[c][None, None], size=(size, size), mode="bilinear", align_corners=False)
+                    > 0).to(logits.dtype)
+        out = sam.track_step(frame_idx=t, is_init_cond_frame=conditioned and not memory["cond_frame_outputs"],
+                             current_vision_feats=feats, current_vision_pos_embeds=pos, feat_sizes=sizes,
+                             point_inputs=None, mask_inputs=mask, output_dict=memory, num_frames=t + 1)
+        kind = "cond_frame_outputs" if conditioned else "non_cond_frame_outputs"
+        memory[kind][t] = {k: v for k, v in out.items() if k not in ("pred_masks_high_res", "mask_inputs")}
+        for frame in sorted(memory[kind])[:-sam.num_maskmem]:  # older frames than the memory attends to
+            del memory[kind][frame]
+        if not conditioned:
+            low = out["pred_masks"][0, 0]
+            out_logits[c] = F.interpolate(low[None, None], size=logits.shape[-2:], mode="bilinear",
+                                          align_corners=False)[0, 0] if low.shape != logits.shape[-2:] else low
+            out_obj[c] = out["object_score_logits"].reshape(()) + threshold
+    state.frame += 1
+    return out_logits, out_obj
