@@ -10,8 +10,11 @@
 A loop is one labelled frame moved smoothly over ``--length`` frames (seeded per loop): translation up to 6 % of
 each side, rotation up to 8 degrees and scale 0.92-1.08 on slow sinusoids, a gain drift of +-15 %, and fresh
 multiplicative speckle (gamma, mean 1, sd 0.15) on every frame; the same geometric motion moves the mask (nearest).
-Each loop's frames are encoded once; every ``--modes`` entry (``1:1`` = per-frame mode) then segments the same
-features, so the modes differ only in the temporal blend (:mod:`sam2rad_monai.temporal`). Reported per class:
+Each loop's frames are encoded once; every ``--modes`` entry (``1:1`` = per-frame mode, ``a:p`` a temporal blend,
+``memory`` SAM2's memory for a ``sam2`` backbone, :mod:`sam2rad_monai.memory`) then segments the same features, so
+the modes differ only in how a frame uses the loop's earlier ones. ``--backbone sam2 --checkpoint FILE`` runs a
+sam2 model; ``--random_weights`` (with no ``--model_path``) builds the backbone and an untrained PPN on random
+weights, for speed only (its Dice means nothing). Reported per class:
 mean Dice over all frames of all loops (empty-mask policy), the worst frame's Dice, and flicker = mean over
 consecutive frame pairs of 1 - Dice(prediction t-1, prediction t), beside the same on the ground truth (the motion's
 own flicker); and frames per second of the PPN path (the encoder, shared by both modes, apart).
@@ -73,12 +76,16 @@ def run_loop(predictor: Sam2RadPredictor, frames: list[np.ndarray], features: di
              mode: str) -> tuple[list[np.ndarray], float]:
     """Label maps of a loop in ``mode`` ("alpha:presence_alpha"; "1:1" is per-frame mode) and the PPN path's
     seconds."""
-    alpha, presence = (float(v) for v in mode.split(":"))
     t0 = time.perf_counter()
-    if alpha >= 1.0 and presence >= 1.0:
-        preds = predictor.predict(frames, features=features)
+    if mode == "memory":
+        preds = predictor.predict(frames, features=features, loop=LoopState(use_memory=True))
     else:
-        preds = predictor.predict(frames, features=features, loop=LoopState(), alpha=alpha, presence_alpha=presence)
+        alpha, presence = (float(v) for v in mode.split(":"))
+        if alpha >= 1.0 and presence >= 1.0:
+            preds = predictor.predict(frames, features=features)
+        else:
+            preds = predictor.predict(frames, features=features, loop=LoopState(use_memory=False), alpha=alpha,
+                                      presence_alpha=presence)
     return [p.label_map for p in preds], time.perf_counter() - t0
 
 
@@ -86,11 +93,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--split", default="val")
-    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--model_path", default=None, help="the trained model file (required unless --random_weights)")
+    parser.add_argument("--backbone", default="litemedsam")
+    parser.add_argument("--backbone_variant", default=None)
+    parser.add_argument("--checkpoint", default=None, help="backbone weights (sam / sam2 families)")
+    parser.add_argument("--image_size", type=int, default=None, help="backbone input side (random weights only)")
+    parser.add_argument("--random_weights", action="store_true", help="random backbone and PPN: speed only")
     parser.add_argument("--loops", type=int, default=6)
     parser.add_argument("--length", type=int, default=30)
     parser.add_argument("--modes", nargs="+", default=["1:1", "0.5:0.5"],
-                        help="temporal weights 'alpha:presence_alpha' of the new frame; 1:1 is per-frame mode")
+                        help="temporal weights 'alpha:presence_alpha' of the new frame (1:1 is per-frame mode), or "
+                        "'memory' (sam2 backbone)")
     parser.add_argument("--feature_dir", default=None, help="keep each loop's encoded features here (reruns reuse)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", default="torch")
@@ -100,7 +113,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = ("nerve", "vessel")
-    predictor = Sam2RadPredictor.from_checkpoint(args.model_path, len(names))
+    if args.random_weights:
+        from sam2rad_monai.backbones import build_backbone
+        from sam2rad_monai.model import Sam2Rad
+
+        torch.manual_seed(args.seed)
+        size = {"image_size": args.image_size} if args.image_size else {}
+        backbone = build_backbone(args.backbone, args.backbone_variant, pretrained=False, **size)
+        predictor = Sam2RadPredictor(Sam2Rad(backbone, len(names)).eval())
+    elif args.model_path is None:
+        parser.error("--model_path is required (or --random_weights for a speed-only run)")
+    else:
+        predictor = Sam2RadPredictor.from_checkpoint(args.model_path, len(names), args.backbone,
+                                                     args.backbone_variant, args.checkpoint)
     if args.runtime != "torch":
         predictor.set_runtime(args.runtime, args.model_path)
     items = build_datalist(args.dataset_dir, split=args.split, seed=0)
@@ -131,7 +156,7 @@ def main() -> None:
             per_mode[mode]["ppn_s"] += seconds
         print(f"loop {n + 1}/{len(chosen)} (frame {items[index]['id']}) done", flush=True)
     result = {"split": args.split, "loops": [items[i]["id"] for i in chosen], "length": args.length,
-              "seed": args.seed, "runtime": args.runtime, "machine": f"{platform.processor() or platform.machine()}, "
+              "seed": args.seed, "runtime": args.runtime, "backbone": predictor.model.backbone.identity(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads", "encoder_s_per_frame": encode_s / n_frames,
               "gt_flicker": dict(zip(names, (100 * np.mean(gt_flicker, axis=0)).round(2).tolist())), "modes": {}}
     for mode, acc in per_mode.items():

@@ -2,7 +2,10 @@
 corrupted, to train Sam2Rad and the UNet baseline on and score on the untouched test split.
 
     uv run python benchmarks/noisy_labels.py --dataset_dir ../shared/datasets/usgra_nerve --fraction 0.25 \\
-        --seed 0 --output_dir bundle/runs/noisy/data25
+        --seed 0 --output_dir bundle/runs/noisy/data0.25
+    uv run python benchmarks/noisy_labels.py --summarise --sam2rad 0=bundle/runs/full050/eval/metrics.json \\
+        0.25=bundle/runs/noisy/s2r_0.25/eval/metrics.json --unet 0=benchmarks/results/unet_full_rerun_amd.json \\
+        0.25=bundle/runs/noisy/unet_0.25.json --output benchmarks/results/noisy_labels_usgra.json
 
 The copy has the same ``images/`` (byte for byte), ``metadata.csv`` and test masks; of the labelled frames whose
 split is ``train`` or ``val`` (validation labels are as noisy as training ones, as they would be for a user; where
@@ -130,13 +133,40 @@ def make_noisy_dataset(dataset_dir: str | Path, output_dir: str | Path, fraction
     return manifest
 
 
+def summarise(sam2rad: dict[str, str], unet: dict[str, str]) -> dict[str, Any]:
+    """Test Dice per class against the noise fraction: ``{fraction: path}`` of Sam2Rad ``metrics.json`` files
+    (evaluate.json, mode ``lp``) and of UNet result files (benchmarks/unet_baseline.py)."""
+    rows: dict[str, Any] = {"sam2rad_lp": {}, "unet": {}}
+    for fraction, path in sam2rad.items():
+        metrics = json.loads(Path(path).read_text())["lp"]
+        rows["sam2rad_lp"][fraction] = {c: v["dice"] for c, v in metrics.items()}
+    for fraction, path in unet.items():
+        result = json.loads(Path(path).read_text())
+        rows["unet"][fraction] = {c: round(result[c]["dice"], 2) for c in ("nerve", "vessel")}
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset_dir", required=True, help="folder with images/, masks/ and metadata.csv")
-    p.add_argument("--fraction", type=float, required=True, help="share of the train / val masks to corrupt")
+    p.add_argument("--dataset_dir", help="folder with images/, masks/ and metadata.csv")
+    p.add_argument("--fraction", type=float, help="share of the train / val masks to corrupt")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw of frames and of each corruption")
-    p.add_argument("--output_dir", required=True, help="where the noisy copy goes")
+    p.add_argument("--output_dir", help="where the noisy copy goes")
+    p.add_argument("--summarise", action="store_true", help="tabulate finished runs instead (--sam2rad, --unet)")
+    p.add_argument("--sam2rad", nargs="*", default=[], help="FRACTION=metrics.json of evaluate.json (lp)")
+    p.add_argument("--unet", nargs="*", default=[], help="FRACTION=result JSON of unet_baseline.py")
+    p.add_argument("--output", help="summary JSON to write")
     args = p.parse_args()
+    if args.summarise:
+        rows = summarise(*(dict(v.split("=", 1) for v in pairs) for pairs in (args.sam2rad, args.unet)))
+        for model, by_fraction in rows.items():
+            for fraction, dice in sorted(by_fraction.items(), key=lambda kv: float(kv[0])):
+                print(f"{model:10s} fraction {fraction:>5s}: nerve {dice['nerve']:6.2f}  vessel {dice['vessel']:6.2f}")
+        if args.output:
+            Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
+        return
+    if args.dataset_dir is None or args.fraction is None or args.output_dir is None:
+        p.error("--dataset_dir, --fraction and --output_dir make a noisy copy (or --summarise)")
     manifest = make_noisy_dataset(args.dataset_dir, args.output_dir, args.fraction, args.seed)
     print(json.dumps({k: v for k, v in manifest.items() if k != "frames"}))
 
