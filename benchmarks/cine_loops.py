@@ -36,6 +36,7 @@ from monai.transforms import Affine
 from sam2rad_monai.data import build_datalist
 from sam2rad_monai.engine.evaluation import load_frame
 from sam2rad_monai.inference import Sam2RadPredictor
+from sam2rad_monai.memory import has_memory
 from sam2rad_monai.metrics import per_class_scores
 from sam2rad_monai.temporal import LoopState
 
@@ -77,6 +78,8 @@ def run_loop(predictor: Sam2RadPredictor, frames: list[np.ndarray], features: di
     """Label maps of a loop in ``mode`` ("alpha:presence_alpha"; "1:1" is per-frame mode) and the PPN path's
     seconds."""
     t0 = time.perf_counter()
+    if mode == "memory" and not has_memory(predictor.model.backbone):
+        raise ValueError(f"mode 'memory' needs a backbone with SAM2's memory (sam2), not {predictor.model.backbone.name}")
     if mode == "memory":
         preds = predictor.predict(frames, features=features, loop=LoopState(use_memory=True))
     else:
@@ -156,8 +159,8 @@ def main() -> None:
             per_mode[mode]["ppn_s"] += seconds
         print(f"loop {n + 1}/{len(chosen)} (frame {items[index]['id']}) done", flush=True)
     result = {"split": args.split, "loops": [items[i]["id"] for i in chosen], "length": args.length,
-              "seed": args.seed, "runtime": args.runtime, "backbone": predictor.model.backbone.identity(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads", "encoder_s_per_frame": encode_s / n_frames,
+              "seed": args.seed, "runtime": args.runtime, "backbone": predictor.model.backbone.identity(),
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads", "encoder_s_per_frame": encode_s / n_frames,
               "gt_flicker": dict(zip(names, (100 * np.mean(gt_flicker, axis=0)).round(2).tolist())), "modes": {}}
     for mode, acc in per_mode.items():
         dice = np.array(acc["dice"])  # (loops, frames, C)

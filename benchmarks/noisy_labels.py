@@ -9,10 +9,11 @@ corrupted, to train Sam2Rad and the UNet baseline on and score on the untouched 
 
 The copy has the same ``images/`` (byte for byte), ``metadata.csv`` and test masks; of the labelled frames whose
 split is ``train`` or ``val`` (validation labels are as noisy as training ones, as they would be for a user; where
-the metadata has no ``val`` rows the carve-out is drawn from ``train``), ``round(fraction * N)`` are drawn by one seeded permutation (the frames of a
-smaller fraction are a subset of those of a larger one), and every class present in a drawn frame gets one of three
-corruptions, drawn uniformly, at a strength relative to that structure's own size (``r``: the radius of a disc of
-its area, so no constant depends on the dataset's pixel scale):
+the metadata has no ``val`` rows the carve-out is drawn from ``train``), ``round(fraction * N)`` are drawn by one
+seeded permutation (the frames of a smaller fraction are a subset of those of a larger one), and every class
+present in a drawn frame gets one of three corruptions, drawn uniformly, at a strength relative to that
+structure's own size (``r``: the radius of a disc of its area, so no constant depends on the dataset's pixel
+scale):
 
 - ``erode``: binary erosion by ``u * r`` pixels, u uniform in [0.15, 0.35] (an under-drawn outline; a structure
   thinner than that vanishes, a missed label);
@@ -33,6 +34,7 @@ import csv
 import json
 import math
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +108,10 @@ def make_noisy_dataset(dataset_dir: str | Path, output_dir: str | Path, fraction
     order = np.random.default_rng(seed).permutation(len(train_ids))
     drawn = sorted(train_ids[i] for i in order[:round(fraction * len(train_ids))])
 
-    (dst / "masks").mkdir(parents=True, exist_ok=True)
-    if (dst / "images").exists():
-        shutil.rmtree(dst / "images")
+    for folder in ("images", "masks"):  # a rerun into the same folder keeps nothing of the last one
+        if (dst / folder).exists():
+            shutil.rmtree(dst / folder)
+    (dst / "masks").mkdir(parents=True)
     shutil.copytree(src / "images", dst / "images")
     shutil.copyfile(metadata, dst / "metadata.csv")
     frames: dict[str, Any] = {}
@@ -118,7 +121,7 @@ def make_noisy_dataset(dataset_dir: str | Path, output_dir: str | Path, fraction
             continue
         label = np.asarray(Image.open(path))
         # one generator per frame, so a frame's corruption does not depend on which other frames were drawn
-        rng = np.random.default_rng([seed, int(path.stem) if path.stem.isdigit() else len(frames)])
+        rng = np.random.default_rng([seed, int(path.stem) if path.stem.isdigit() else zlib.crc32(path.stem.encode())])
         noisy, kinds = corrupt_label(label, rng)
         Image.fromarray(noisy.astype(np.uint8), mode="L").save(dst / "masks" / f"{path.stem}.png")
         frames[path.stem] = {"kinds": {str(c): k for c, k in kinds.items()},

@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     result.setdefault("settings", {})
     test = build_datalist(args.dataset_dir, split="test")[:args.num_frames]
+    if result.get("n_test", len(test)) != len(test):
+        raise ValueError(f"{out_path} scored {result['n_test']} test frames, this run {len(test)}: use another "
+                         "--output to resume")
     predictor = Sam2RadPredictor.from_checkpoint(args.model_path, len(CLASS_NAMES))
     unet = UNetScorer(args.unet_model, args.unet_arch) if args.unet_model else None
     frames = [load_frame(item) for item in test]

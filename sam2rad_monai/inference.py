@@ -147,7 +147,7 @@ class Sam2RadPredictor:
             loop: temporal mode (autonomous only): ``frames`` are consecutive frames of one cine loop, blended in
                 order with the loop's earlier frames (:func:`~sam2rad_monai.temporal.blend`, new-frame weights
                 ``alpha`` and ``presence_alpha``); pass the same :class:`~sam2rad_monai.temporal.LoopState` for the
-                loop's next frames. With the ``sam2`` backbone (PyTorch runtime) SAM2's memory tracks each class
+                loop's next frames. With the ``sam2`` backbone SAM2's memory tracks each class
                 instead (:func:`~sam2rad_monai.memory.track`), unless the state says ``use_memory=False``.
         """
         mode = Mode(mode)
@@ -176,7 +176,7 @@ class Sam2RadPredictor:
             out = model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
             for i in range(stop - start):
                 frame_out, index = out, i
-                if loop is not None and loop.use_memory and model is self.model and has_memory(self.model.backbone):
+                if loop is not None and loop.use_memory and has_memory(self.model.backbone):
                     logits, objectness = track(self.model.backbone, {k: v[start + i : start + i + 1]
                                                                      for k, v in features.items()},
                                                out["logits"][i], out["objectness"][i], loop, self.objectness_threshold)

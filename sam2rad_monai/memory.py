@@ -2,16 +2,20 @@
 memory encoder and memory attention carry each structure through the frames where they are not.
 
 Each class is one tracked object with its own memory, as in SAM2's video predictor. On a frame where the class's
-objectness logit is at least the predictor's presence threshold plus ``margin`` (a dense PPN has no IoU estimate
-of its own; its presence probability stands in), the model's own autonomous mask is given to SAM2 as a mask prompt
-on that frame (a conditioning frame, what ``SAM2VideoPredictor.add_new_mask`` does): the output is that mask, and
-SAM2 encodes it into the class's memory. On any other frame after the first conditioning one, SAM2 segments the
-class from its memory alone (no prompt), and its object score decides presence; before the first, the frame's own
-output stands. A structure can so start on a confident frame, be held or lost by SAM2's memory and be re-acquired
-on the next confident frame. The memory keeps the ``num_maskmem`` latest frames of each kind.
+objectness logit passes the predictor's presence threshold (this project's rule: a dense PPN has no IoU estimate of
+its own, its presence probability stands in), the model's own autonomous mask is given to SAM2 as a mask prompt on
+that frame (a conditioning frame, what ``SAM2VideoPredictor.add_new_mask`` does with a user's mask): the output is
+that mask, and SAM2 encodes it into the class's memory. On any other frame after the first conditioning one, SAM2
+segments the class from its memory alone (no prompt), and its object score decides presence; before the first, the
+frame's own output stands. A structure can so start on a confident frame, be held or lost by SAM2's memory and be
+re-acquired on the next confident frame. Unprompted frames are kept as far back as SAM2 reads them (spatial memory
+and object pointers); conditioning frames, which SAM2 keeps all of, are capped at the ``num_maskmem`` latest so
+that a long confident loop does not grow the attention without bound.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,9 @@ from torch import Tensor
 from .backbones import Features
 from .temporal import LoopState
 
+if TYPE_CHECKING:
+    from .backbones.sam2 import Sam2Backbone
+
 
 def has_memory(backbone: torch.nn.Module) -> bool:
     """Whether a backbone carries SAM2's video memory (the ``sam2`` family)."""
@@ -27,8 +34,8 @@ def has_memory(backbone: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def track(backbone: torch.nn.Module, features: Features, logits: Tensor, objectness: Tensor, state: LoopState,
-          threshold: float = 0.0, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+def track(backbone: Sam2Backbone, features: Features, logits: Tensor, objectness: Tensor, state: LoopState,
+          threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """One frame of a loop through SAM2's memory.
 
     Args:
@@ -37,8 +44,7 @@ def track(backbone: torch.nn.Module, features: Features, logits: Tensor, objectn
         logits: (C, m, m) the model's autonomous output logits for this frame, m = image_size / 4.
         objectness: (C,) its objectness logits.
         state: the loop's state (updated: frame index, one memory per class).
-        threshold: the predictor's presence threshold on objectness logits; ``margin``: how far above it a class
-            must be to condition the frame.
+        threshold: the predictor's presence threshold on objectness logits (a class at or above it conditions).
 
     Returns:
         (C, m, m) output logits and (C,) objectness logits on the same scale (SAM2's object score, present above 0,
@@ -57,7 +63,7 @@ def track(backbone: torch.nn.Module, features: Features, logits: Tensor, objectn
     t = state.frame
     out_logits, out_obj = logits.clone(), objectness.clone()
     for c, memory in enumerate(state.tracks):
-        conditioned = bool(objectness[c] >= threshold + margin)
+        conditioned = bool(objectness[c] >= threshold)
         if not conditioned and not memory["cond_frame_outputs"]:
             continue  # nothing to track yet: the frame's own output stands
         mask = None
@@ -66,11 +72,16 @@ def track(backbone: torch.nn.Module, features: Features, logits: Tensor, objectn
                     > 0).to(logits.dtype)
         out = sam.track_step(frame_idx=t, is_init_cond_frame=conditioned and not memory["cond_frame_outputs"],
                              current_vision_feats=feats, current_vision_pos_embeds=pos, feat_sizes=sizes,
-                             point_inputs=None, mask_inputs=mask, output_dict=memory, num_frames=t + 1)
+                             point_inputs=None, mask_inputs=mask, output_dict=memory,
+                             # the loop's length is unknown; SAM2 scales object-pointer distances by min(it, window)
+                             num_frames=max(t + 1, sam.max_obj_ptrs_in_encoder))
         kind = "cond_frame_outputs" if conditioned else "non_cond_frame_outputs"
         memory[kind][t] = {k: v for k, v in out.items() if k not in ("pred_masks_high_res", "mask_inputs")}
-        for frame in sorted(memory[kind])[:-sam.num_maskmem]:  # older frames than the memory attends to
-            del memory[kind][frame]
+        horizon = t - max(sam.num_maskmem, sam.max_obj_ptrs_in_encoder)
+        for frame in [f for f in memory["non_cond_frame_outputs"] if f < horizon]:
+            del memory["non_cond_frame_outputs"][frame]
+        for frame in sorted(memory["cond_frame_outputs"])[:-sam.num_maskmem]:
+            del memory["cond_frame_outputs"][frame]
         if not conditioned:
             low = out["pred_masks"][0, 0]
             out_logits[c] = F.interpolate(low[None, None], size=logits.shape[-2:], mode="bilinear",

@@ -41,8 +41,8 @@ def server(tmp_path_factory):
     studies.mkdir()
     for name in IMAGES:
         shutil.copy(SAMPLE / "images" / f"{name}.png", studies / f"{name}.png")
-    # a cine study: 3 sample frames as a 2D+t NIfTI (columns, rows, 1, time), 40 ms apart
-    loop = np.stack([np.asarray(Image.open(SAMPLE / "images" / f"{n}.png").convert("L")).T
+    # a cine study: 3 sample frames as a 2D+t NIfTI (stored as the frames are, rows first; 1; time), 40 ms apart
+    loop = np.stack([np.asarray(Image.open(SAMPLE / "images" / f"{n}.png").convert("L"))
                      for n in ("0017", "0031", "0017")], axis=-1)[:, :, None, :]
     cine = nib.Nifti1Image(loop.astype(np.uint8), np.diag([-0.1, -0.1, 1.0, 1.0]))
     cine.header.set_zooms((0.1, 0.1, 1.0, 0.04))

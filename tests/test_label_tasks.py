@@ -97,7 +97,9 @@ def test_auto_infer_segments_a_cine_study_as_a_loop(tmp_path):
         finally:
             Path(path).unlink()
         assert info["frames"] == 3 and info["temporal"] is (request == {})
-        assert info["found"] == ["nerve", "vessel"] and set(info["frames_found"]) == {"nerve", "vessel"}
+        assert info["found"] == ["nerve", "vessel"]
+        assert info["frames_found"] == {n: sum((m == k).any() for m in expected) for k, n in ((1, "nerve"),
+                                                                                           (2, "vessel"))}
     with pytest.raises(RequestError, match="cannot hold a loop of 3 frames"):
         task({"image": str(cine), "result_extension": ".png"})
     with pytest.raises(RequestError, match="has 3 frames; only auto inference labels a loop"):

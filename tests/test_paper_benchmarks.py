@@ -48,6 +48,7 @@ def test_flip_round_trip_gives_the_mask_back():
 def test_robustness_benchmark_runs_on_the_sample(tmp_path, monkeypatch):
     out = tmp_path / "robustness.json"
     monkeypatch.setattr(sys, "argv", ["robustness.py", "--dataset_dir", str(SAMPLE), "--num_frames", "2",
+                                      "--model_path", str(SAMPLE.parents[1] / "models" / "model.pt"),
                                       "--angles", "--shifts", "--output", str(out)])
     result = robustness.run(robustness.parse_args())
     assert set(result["settings"]) == {"clean", "hflip", "vflip", "translate", "rotate", "crop", "all"}
@@ -59,9 +60,12 @@ def test_robustness_benchmark_runs_on_the_sample(tmp_path, monkeypatch):
         # the frozen backbone given each perturbed mask's own box finds the structure in the perturbed frame
         assert row["box"]["nerve"] > 30.0, name
     assert json.loads(out.read_text())["settings"] == result["settings"]
-    # resumable: a rerun skips every setting already written
+    # resumable: a rerun skips every setting already written; a rerun on other frames is refused
     rerun = robustness.run(robustness.parse_args())
     assert rerun["settings"] == result["settings"]
+    monkeypatch.setattr(sys, "argv", sys.argv[:4] + ["1"] + sys.argv[5:])
+    with pytest.raises(ValueError, match="scored 2 test frames"):
+        robustness.run(robustness.parse_args())
 
 
 def test_corruptions_are_what_they_say():

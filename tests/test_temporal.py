@@ -147,7 +147,7 @@ def test_a_cine_dicom_in_temporal_mode_gives_one_seg_that_dciodvfy_accepts(tmp_p
 
 
 def test_sam2_memory_conditions_on_confident_frames_and_tracks_between():
-    """sam2 (random weights, real frame): class 1 is confident on frames 0-3 and 10-12 and not on 4-9, class 2
+    """sam2 (random weights, real frame): class 1 is confident on frames 0-4 and 11-14 and not on 5-10, class 2
     never. Confident frames condition SAM2's memory and keep the frame's own mask; the frames between are segmented
     by SAM2 from its memory (its mask decoder's logits, its object score); a class never confident is left as the
     frame gives it; the memory keeps the latest frames only; ``use_memory=False`` blends instead."""
@@ -156,7 +156,7 @@ def test_sam2_memory_conditions_on_confident_frames_and_tracks_between():
     predictor = Sam2RadPredictor(model, batch_size=4)
     frame = usgra_frame(GREY_IDS[0])[0].astype(np.float32)
     features, _ = predictor.encode([frame])
-    confident = [1] * 4 + [0] * 6 + [1] * 3
+    confident = [1] * 5 + [0] * 6 + [1] * 4
     square = torch.full((64, 64), -8.0)
     square[20:40, 16:36] = 8.0
     calls = iter(confident)
@@ -175,8 +175,8 @@ def test_sam2_memory_conditions_on_confident_frames_and_tracks_between():
                               loop=state)
     assert state.frame == len(confident)
     nerve, vessel = state.tracks
-    assert sorted(nerve["cond_frame_outputs"]) == [0, 1, 2, 3, 10, 11, 12]
-    assert sorted(nerve["non_cond_frame_outputs"]) == [4, 5, 6, 7, 8, 9]
+    assert sorted(nerve["cond_frame_outputs"]) == [2, 3, 4, 11, 12, 13, 14], "the 7 latest conditioning frames"
+    assert sorted(nerve["non_cond_frame_outputs"]) == [5, 6, 7, 8, 9, 10]
     assert not vessel["cond_frame_outputs"] and not vessel["non_cond_frame_outputs"]
     own = (torch.nn.functional.interpolate(square[None, None], size=(256, 256), mode="bilinear") > 0)[0, 0].numpy()
     for t, pred in enumerate(preds):
@@ -192,3 +192,32 @@ def test_sam2_memory_conditions_on_confident_frames_and_tracks_between():
     blended = LoopState(use_memory=False)
     predictor.predict([frame] * len(confident), features={k: v[rows] for k, v in features.items()}, loop=blended)
     assert not blended.tracks and blended.logits is not None
+
+
+def test_sam2_memory_track_is_sam2s_own_track_step():
+    """memory.track on the backbone's features gives what SAM2Base.track_step gives on SAM2's own image path for the
+    same loop (random weights, random frames): a conditioning frame with a mask, then frames tracked from memory."""
+    from sam2rad_monai.memory import track
+
+    torch.manual_seed(1)
+    backbone = build_backbone("sam2", "sam2.1_tiny", image_size=256, pretrained=False)
+    sam = backbone.video
+    images = torch.randn(4, 3, 256, 256)
+    logits = torch.full((1, 64, 64), -8.0)
+    logits[0, 20:40, 12:30] = 8.0
+    state, reference = LoopState(), {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    with torch.no_grad():
+        for t in range(4):
+            ours, score = track(backbone, backbone.encode(images[t : t + 1]), logits,
+                                torch.tensor([4.0 if t == 0 else -4.0]), state)
+            _, feats, pos, sizes = sam._prepare_backbone_features(sam.forward_image(images[t : t + 1]))
+            mask = (torch.nn.functional.interpolate(logits[None], size=(256, 256), mode="bilinear") > 0).float()
+            out = sam.track_step(t, t == 0, feats, pos, sizes, None, mask if t == 0 else None, reference,
+                                 num_frames=16)
+            reference["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = out
+            if t == 0:
+                assert torch.equal(ours, logits), "a conditioning frame keeps the model's own mask"
+            else:
+                torch.testing.assert_close(ours[0], out["pred_masks"][0, 0], atol=1e-3, rtol=1e-3)
+                torch.testing.assert_close(score[0], out["object_score_logits"].reshape(()), atol=1e-4, rtol=1e-4)
+    assert sorted(state.tracks[0]["non_cond_frame_outputs"]) == [1, 2, 3]

@@ -1,4 +1,5 @@
-"""SAM2 and SAM2.1 (Hiera tiny / small / base_plus / large), image path only, from the ``sam2`` package."""
+"""SAM2 and SAM2.1 (Hiera tiny / small / base_plus / large) from the ``sam2`` package: the image path, and the
+video memory that temporal mode uses."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ SAM2_VERSIONS = ("sam2", "sam2.1")
 
 
 class Sam2Backbone(Backbone):
-    """Frozen SAM2 image path: Hiera + FPN encoder, prompt encoder, and the mask decoder with its high-res levels.
+    """Frozen SAM2: Hiera + FPN encoder, prompt encoder, and the mask decoder with its high-res levels.
 
     The video memory (memory encoder, memory attention, object pointers) is kept for temporal mode
     (:mod:`sam2rad_monai.memory`): :attr:`video` is the whole ``SAM2Base``, whose modules are this backbone's.
@@ -96,7 +97,7 @@ def _build_sam2_model(version: str, size_code: str, image_size: int) -> nn.Modul
     config = f"configs/{version}/{version}_hiera_{size_code}.yaml"
     overrides = [f"++model.image_size={image_size}"]
     if image_size != 1024:
-        # RoPE tables of the (unused) memory attention are sized for the default 64 x 64 grid
+        # RoPE tables of the memory attention are sized for the default 64 x 64 grid
         grid = image_size // 16
         overrides += [
             f"++model.memory_attention.layer.self_attention.feat_sizes=[{grid},{grid}]",

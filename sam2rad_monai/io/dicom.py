@@ -391,12 +391,14 @@ def _spacing_mm(ds: Dataset, regions: Sequence[UltrasoundRegion]) -> tuple[float
 def _frame_time_ms(ds: Dataset) -> float | None:
     value = ds.get("FrameTime")
     if value not in (None, ""):
-        return float(value)
-    vector = ds.get("FrameTimeVector")
-    # The first entry of FrameTimeVector is 0 by definition (time of frame 1).
-    if vector is not None and len(vector) > 1:
-        return float(np.mean([float(v) for v in list(vector)[1:]]))
-    return None
+        time_ms = float(value)
+    else:
+        vector = ds.get("FrameTimeVector")
+        # The first entry of FrameTimeVector is 0 by definition (time of frame 1).
+        if vector is None or len(vector) < 2:
+            return None
+        time_ms = float(np.mean([float(v) for v in list(vector)[1:]]))
+    return time_ms if np.isfinite(time_ms) and time_ms > 0 else None  # 0 or garbage: unknown, as absent
 
 
 # -------------------------------------------------------------------------- series

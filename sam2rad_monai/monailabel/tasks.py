@@ -119,12 +119,16 @@ def read_study(path: str | os.PathLike) -> LoadedInput:
         raise RequestError(str(err)) from err
 
 
+def single_frame(study: LoadedInput, path: str | os.PathLike) -> np.ndarray:
+    """The one frame (H, W, 3) of a single-frame study; :class:`RequestError` naming ``path`` otherwise."""
+    if len(study.frames) != 1:
+        raise RequestError(f"{Path(path).name}: has {len(study.frames)} frames; only auto inference labels a loop")
+    return study.frames[0]
+
+
 def read_frame(path: str | os.PathLike) -> np.ndarray:
     """A 2D frame (H, W, 3) on 0..255 (:func:`read_study` of a single-frame study)."""
-    frames = read_study(path).frames
-    if len(frames) != 1:
-        raise RequestError(f"{Path(path).name}: has {len(frames)} frames; only auto inference labels a loop")
-    return frames[0]
+    return single_frame(read_study(path), path)
 
 
 def _points(request: dict[str, Any], key: str) -> list[tuple[float, float]]:
@@ -151,34 +155,47 @@ def _roi(request: dict[str, Any]) -> tuple[float, float, float, float] | None:
     return x1, y1, x2, y2
 
 
-def write_label(label_map: np.ndarray, extension: str) -> str:
-    """Write a (H, W) label map to a temporary file MONAI Label sends back (and deletes)."""
+def write_label(label_map: np.ndarray, extension: str, study: LoadedInput | None = None) -> str:
+    """Write a label map (H, W), or a loop's (F, H, W), to a temporary file MONAI Label sends back (and deletes).
+
+    A NIfTI study gets its labels in its own array layout, affine and steps (so they overlay voxel for voxel);
+    anything else gets :func:`~sam2rad_monai.io.write_nifti`'s layout (a loop as 2D+t with the DICOM's frame time),
+    or a PNG for a single frame.
+    """
     extension = extension if extension.startswith(".") else f".{extension}"
-    fd, name = tempfile.mkstemp(suffix=extension, prefix="sam2rad_")
-    os.close(fd)
-    if extension == ".png":
-        with atomic_write_path(name) as tmp:
-            Image.fromarray(label_map.astype(np.uint8)).save(tmp, format="PNG")
-    elif extension in (".nii", ".nii.gz"):
-        write_nifti(label_map.astype(np.uint8), name)
-    else:
+    if extension not in (".png", ".nii", ".nii.gz"):
         raise ValueError(f"result_extension {extension!r} is not supported; use .nii.gz or .png")
-    return name
-
-
-def write_loop_label(labels: np.ndarray, study: LoadedInput, extension: str) -> str:
-    """Write a loop's (F, H, W) label maps to a temporary NIfTI MONAI Label sends back: 2D+t with the DICOM's frame
-    time, or the source NIfTI's layout and steps."""
-    if extension not in (".nii", ".nii.gz"):
-        raise RequestError(f"result_extension {extension!r} cannot hold a loop of {len(labels)} frames; use .nii.gz")
+    loop = label_map.ndim == 3
+    if loop and extension == ".png":
+        raise RequestError(f"result_extension {extension!r} cannot hold a loop of {len(label_map)} frames; "
+                           "use .nii.gz")
     fd, name = tempfile.mkstemp(suffix=extension, prefix="sam2rad_")
     os.close(fd)
-    if study.nifti is not None:
-        write_nifti_like(labels, study.nifti, Path(name))
-    else:
-        write_nifti(labels, name, study.spacing_mm,
-                    frame_time_ms=study.dicom.frame_time_ms if study.dicom is not None else None)
+    try:
+        if extension == ".png":
+            with atomic_write_path(name) as tmp:
+                Image.fromarray(label_map.astype(np.uint8)).save(tmp, format="PNG")
+        elif study is not None and study.nifti is not None:
+            write_nifti_like(label_map if loop else label_map[None], study.nifti, Path(name))
+        elif loop and study is not None:
+            write_nifti(label_map, name, study.spacing_mm,
+                        frame_time_ms=study.dicom.frame_time_ms if study.dicom is not None else None)
+        else:
+            write_nifti(label_map.astype(np.uint8), name)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     return name
+
+
+def is_loop(study: LoadedInput) -> bool:
+    """A cine loop: a multi-frame DICOM or a 2D+t NIfTI (a 3D NIfTI's frames are slices of a volume)."""
+    if len(study.frames) < 2:
+        return False
+    if study.nifti is not None:
+        shape = study.nifti.shape
+        return len(shape) == 4 and shape[2] == 1
+    return study.dicom is not None
 
 
 def _flag(value: Any) -> bool:
@@ -198,8 +215,9 @@ def _result(prediction: Prediction, names: list[str], start: float) -> dict[str,
 
 
 class Sam2RadAutoInfer(InferTask):
-    """Every class, no prompt: Sam2Rad's autonomous mode; a loop's frames in order, blended with the loop's earlier
-    frames (:mod:`sam2rad_monai.temporal`) unless the request sets ``temporal: false``."""
+    """Every class, no prompt: Sam2Rad's autonomous mode; a cine loop's frames in order, in temporal mode (the blend
+    of :mod:`sam2rad_monai.temporal`, or SAM2's memory with the ``sam2`` backbone) unless the request sets
+    ``temporal: false``; the slices of a 3D volume one by one."""
 
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__(InferType.SEGMENTATION, holder.settings.labels, 2,
@@ -217,20 +235,20 @@ class Sam2RadAutoInfer(InferTask):
         extension = request.get("result_extension", ".nii.gz")
         if len(study.frames) == 1:
             prediction = predictor.predict(study.frames, "autonomous")[0]
-            return write_label(prediction.label_map, extension), _result(prediction, names, start)
-        temporal = _flag(request.get("temporal", self._config["temporal"]))
+            return write_label(prediction.label_map, extension, study), _result(prediction, names, start)
+        temporal = is_loop(study) and _flag(request.get("temporal", self._config["temporal"]))
         loop = LoopState() if temporal else None
         predictions: list[Prediction] = []
         for first in range(0, len(study.frames), predictor.batch_size):  # encoder batches, one loop state
             predictions += predictor.predict(study.frames[first:first + predictor.batch_size], "autonomous", loop=loop)
         labels = np.stack([p.label_map for p in predictions])
-        out = _result(predictions[0], names, start)
-        out.pop("iou"), out.pop("objectness", None)  # per frame below
         present = [{int(v) for v in np.unique(p.label_map)} for p in predictions]
+        out = {key: value for key, value in _result(predictions[0], names, start).items()
+               if key not in ("iou", "objectness")}  # those are per frame
         out.update(found=[n for k, n in enumerate(names, start=1) if any(k in f for f in present)],
                    frames=len(predictions), temporal=temporal,
                    frames_found={n: sum(k in f for f in present) for k, n in enumerate(names, start=1)})
-        return write_loop_label(labels, study, extension), out
+        return write_label(labels, extension, study), out
 
 
 class Sam2RadInteractiveInfer(InferTask):
@@ -271,11 +289,12 @@ class Sam2RadInteractiveInfer(InferTask):
         mode = request.get("mode") or ("refine" if self.holder.has_model() else "manual")
         if mode not in ("refine", "manual"):
             raise RequestError(f"mode must be 'refine' or 'manual', got {mode!r}")
-        frame = read_frame(request["image"])
+        study = read_study(request["image"])
+        frame = single_frame(study, request["image"])
         prediction = self.holder.predictor.predict([frame], mode, [prompts])[0]
         label_map = np.where(prediction.label_map == index + 1, index + 1, 0).astype(np.uint8)
         prediction.label_map = label_map
-        out = write_label(label_map, request.get("result_extension", ".nii.gz"))
+        out = write_label(label_map, request.get("result_extension", ".nii.gz"), study)
         return out, _result(prediction, names, start)
 
 
@@ -346,12 +365,17 @@ class Sam2RadUncertainty(Strategy):
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__("Least confident image first (objectness and SAM's IoU estimate)")
         self.holder = holder
-        self._scores: dict[tuple[str, float | None], float] = {}
+        self._scores: dict[tuple[str, float | None], float | None] = {}
 
-    def uncertainty(self, path: str) -> float:
+    def uncertainty(self, path: str) -> float | None:
+        """1 - the mean confidence of a single-frame study; None for a loop or a volume (not proposed)."""
         key = (path, self.holder.stamp())
         if key not in self._scores:
-            pred = self.holder.predictor.predict([read_frame(path)], "autonomous")[0]
+            study = read_study(path)
+            if len(study.frames) != 1:  # a loop or a volume is not one image to label next
+                self._scores[key] = None
+                return None
+            pred = self.holder.predictor.predict(study.frames, "autonomous")[0]
             p = 1.0 / (1.0 + np.exp(-np.asarray(pred.objectness, dtype=np.float64)))
             confidence = np.abs(2 * p - 1) * np.where(p >= 0.5, np.clip(pred.iou, 0.0, 1.0), 1.0)
             self._scores[key] = float(1.0 - confidence.mean())
@@ -364,9 +388,12 @@ class Sam2RadUncertainty(Strategy):
         scores = {}
         for image in images:
             try:
-                scores[image] = self.uncertainty(datastore.get_image_uri(image))
+                score = self.uncertainty(datastore.get_image_uri(image))
             except ValueError as err:  # one unreadable study must not block the queue
                 logger.error("%s", err)
+                continue
+            if score is not None:
+                scores[image] = score
         if not scores:
             return None
         best = max(scores, key=scores.get)
