@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from sam2rad_monai.metrics import per_class_scores
+
 KINDS = ("erode", "cut", "shift")
 
 
@@ -84,11 +86,6 @@ def corrupt_label(label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return out, kinds
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def make_noisy_dataset(dataset_dir: str | Path, output_dir: str | Path, fraction: float, seed: int = 0
                        ) -> dict[str, Any]:
     """Write the noisy copy of ``dataset_dir`` (``images/``, ``masks/``, ``metadata.csv``) to ``output_dir``.
@@ -119,13 +116,14 @@ def make_noisy_dataset(dataset_dir: str | Path, output_dir: str | Path, fraction
         if path.stem not in drawn:
             shutil.copyfile(path, dst / "masks" / path.name)
             continue
-        label = np.asarray(Image.open(path))
+        label = np.array(Image.open(path))  # writable: the metrics turn it into a tensor
         # one generator per frame, so a frame's corruption does not depend on which other frames were drawn
         rng = np.random.default_rng([seed, int(path.stem) if path.stem.isdigit() else zlib.crc32(path.stem.encode())])
         noisy, kinds = corrupt_label(label, rng)
         Image.fromarray(noisy.astype(np.uint8), mode="L").save(dst / "masks" / f"{path.stem}.png")
+        scores = per_class_scores(noisy, label, int(label.max()))
         frames[path.stem] = {"kinds": {str(c): k for c, k in kinds.items()},
-                             "dice": {str(c): round(_dice(label == c, noisy == c), 4) for c in kinds}}
+                             "dice": {str(c): round(scores[c]["dice"], 4) for c in kinds}}
     classes = sorted({c for frame in frames.values() for c in frame["dice"]})
     manifest = {"source": src.name, "fraction": fraction, "seed": seed, "train_frames": len(train_ids),
                 "corrupted": len(drawn), "frames": frames,

@@ -176,14 +176,14 @@ class Sam2RadPredictor:
             out = model({k: v[start:stop] for k, v in features.items()}, batch_prompts, mode)
             for i in range(stop - start):
                 frame_out, index = out, i
-                if loop is not None and loop.use_memory and has_memory(self.model.backbone):
-                    logits, objectness = track(self.model.backbone, {k: v[start + i : start + i + 1]
-                                                                     for k, v in features.items()},
-                                               out["logits"][i], out["objectness"][i], loop, self.objectness_threshold)
-                    frame_out, index = {"logits": logits[None], "objectness": objectness[None],
-                                        "iou": out["iou"][i : i + 1]}, 0
-                elif loop is not None:
-                    logits, objectness = blend(loop, out["logits"][i], out["objectness"][i], alpha, presence_alpha)
+                if loop is not None:
+                    if loop.use_memory and has_memory(self.model.backbone):
+                        frame = {k: v[start + i : start + i + 1] for k, v in features.items()}
+                        logits, objectness = track(self.model.backbone, frame, out["logits"][i],
+                                                   out["objectness"][i], loop, self.objectness_threshold)
+                    else:
+                        logits, objectness = blend(loop, out["logits"][i], out["objectness"][i], alpha,
+                                                   presence_alpha)
                     frame_out, index = {"logits": logits[None], "objectness": objectness[None],
                                         "iou": out["iou"][i : i + 1]}, 0
                 results.append(self._postprocess(frame_out, index, np.asarray(frames[start + i]).shape[:2],

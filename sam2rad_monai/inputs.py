@@ -38,7 +38,7 @@ from .engine.evaluation import load_frame
 from .transforms import to_0_255
 from .io import UltrasoundImage, UltrasoundReadError, read_ultrasound
 from .io.dicom import DICOM_SUFFIXES, instance_order_key
-from .io.nifti import NIFTI_SUFFIXES
+from .io.nifti import NIFTI_SUFFIXES, is_2d_plus_t
 
 __all__ = ["InputItem", "LoadedInput", "discover_inputs", "frame_datalist", "one_line", "read_frames", "read_input"]
 
@@ -271,7 +271,7 @@ def _read_nifti(path: Path) -> LoadedInput:
         data = np.stack([data[c] for c in ("R", "G", "B")], axis=-1)
         frames = [data] if data.ndim == 3 else [data[:, :, k] for k in range(data.shape[2])]
     else:
-        if data.ndim == 4 and data.shape[2] == 1:  # 2D+t: NIfTI's fourth axis is time
+        if is_2d_plus_t(data.shape):  # NIfTI's fourth axis is time
             data = data[:, :, 0, :]
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]

@@ -58,7 +58,8 @@ def track(backbone: Sam2Backbone, features: Features, logits: Tensor, objectness
     levels = [features["hr0"], features["hr1"], features["embed"] - backbone.no_mem_embed.reshape(1, -1, 1, 1)]
     levels = [level.to(logits.dtype) for level in levels]
     feats = [x.flatten(2).permute(2, 0, 1) for x in levels]  # (HW, 1, C), SAM2's layout
-    pos = [backbone.image_encoder.neck.position_encoding(x).to(x.dtype).flatten(2).permute(2, 0, 1) for x in levels]
+    top = levels[-1]  # SAM2 reads the positional encoding of the top level only
+    pos = [None, None, backbone.image_encoder.neck.position_encoding(top).to(top.dtype).flatten(2).permute(2, 0, 1)]
     sizes = [tuple(x.shape[-2:]) for x in levels]
     t = state.frame
     out_logits, out_obj = logits.clone(), objectness.clone()
@@ -82,10 +83,8 @@ def track(backbone: Sam2Backbone, features: Features, logits: Tensor, objectness
             del memory["non_cond_frame_outputs"][frame]
         for frame in sorted(memory["cond_frame_outputs"])[:-sam.num_maskmem]:
             del memory["cond_frame_outputs"][frame]
-        if not conditioned:
-            low = out["pred_masks"][0, 0]
-            out_logits[c] = F.interpolate(low[None, None], size=logits.shape[-2:], mode="bilinear",
-                                          align_corners=False)[0, 0] if low.shape != logits.shape[-2:] else low
+        if not conditioned:  # SAM2's low-res masks are image_size / 4, the model's own output grid
+            out_logits[c] = out["pred_masks"][0, 0]
             out_obj[c] = out["object_score_logits"].reshape(()) + threshold
     state.frame += 1
     return out_logits, out_obj

@@ -20,7 +20,7 @@ from sam2rad_monai.io.dicom import (
     read_ultrasound,
 )
 from sam2rad_monai.io.dicomseg import read_dicom_seg_labelmap, segment_property_codes, write_dicom_seg
-from sam2rad_monai.io.nifti import label_map_affine, read_nifti_labelmap, write_nifti, write_nifti_like
+from sam2rad_monai.io.nifti import is_2d_plus_t, label_map_affine, read_nifti_labelmap, write_nifti, write_nifti_like
 from sam2rad_monai.io.wrap import PatientStudy, png_frames_to_dicom_series, png_frames_to_multiframe_dicom
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "UltrasoundRegion",
     "atomic_write_bytes",
     "atomic_write_path",
+    "is_2d_plus_t",
     "label_map_affine",
     "png_frames_to_dicom_series",
     "png_frames_to_multiframe_dicom",

@@ -39,11 +39,17 @@ import numpy as np
 
 from sam2rad_monai.io.atomic import atomic_write_path
 
-__all__ = ["NIFTI_SUFFIXES", "label_map_affine", "read_nifti_labelmap", "write_nifti", "write_nifti_like"]
+__all__ = ["NIFTI_SUFFIXES", "is_2d_plus_t", "label_map_affine", "read_nifti_labelmap", "write_nifti",
+           "write_nifti_like"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")  # ".nii.gz" first: a name is matched against the longest suffix first
 
 _SCANNER_CODE = 1  # qform/sform code "scanner": what ITK writes for its own images
+
+
+def is_2d_plus_t(shape: tuple[int, ...]) -> bool:
+    """Whether a NIfTI array shape is a 2D+t loop, ``(x, y, 1, frames)`` with more than one frame."""
+    return len(shape) == 4 and shape[2] == 1 and shape[3] > 1
 
 
 def label_map_affine(spacing_mm: tuple[float, float] | None) -> np.ndarray:
@@ -85,7 +91,7 @@ def write_nifti(
 def read_nifti_labelmap(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a NIfTI written by :func:`write_nifti` back to the ``(H, W)``/``(F, H, W)`` uint8 array."""
     data = np.asanyarray(nib.load(str(path)).dataobj).astype(np.uint8)
-    if data.ndim == 4 and data.shape[2] == 1:  # a 2D+t loop
+    if is_2d_plus_t(data.shape):
         data = data[:, :, 0, :]
     return np.ascontiguousarray(data.T)
 
@@ -127,7 +133,7 @@ def write_nifti_like(labels: np.ndarray, source: nib.spatialimages.SpatialImage,
     """Write (F, H, W) labels in the source NIfTI's array layout, affine and voxel / time steps, so it overlays voxel
     for voxel (a 2D+t source, ``(H, W, 1, F)``, gives a 2D+t label map)."""
     shape = source.shape
-    if len(shape) == 4 and shape[2] == 1 and shape[3] > 1:
+    if is_2d_plus_t(shape):
         data = labels.transpose(1, 2, 0)[:, :, None, :]
     elif len(shape) >= 3 and shape[2] > 1:
         data = labels.transpose(1, 2, 0)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..inputs import LoadedInput, read_file
 from ..inference import FramePrompts, Prediction, Sam2RadPredictor
-from ..io import write_nifti, write_nifti_like
+from ..io import is_2d_plus_t, write_nifti, write_nifti_like
 from ..io.atomic import atomic_write_path
 from ..runtime import check_runtime
 from ..temporal import LoopState
@@ -193,8 +193,7 @@ def is_loop(study: LoadedInput) -> bool:
     if len(study.frames) < 2:
         return False
     if study.nifti is not None:
-        shape = study.nifti.shape
-        return len(shape) == 4 and shape[2] == 1
+        return is_2d_plus_t(study.nifti.shape)
     return study.dicom is not None
 
 
@@ -239,7 +238,8 @@ class Sam2RadAutoInfer(InferTask):
         temporal = is_loop(study) and _flag(request.get("temporal", self._config["temporal"]))
         loop = LoopState() if temporal else None
         predictions: list[Prediction] = []
-        for first in range(0, len(study.frames), predictor.batch_size):  # encoder batches, one loop state
+        # one encoder batch at a time, one loop state: a long loop's features would not all fit in memory
+        for first in range(0, len(study.frames), predictor.batch_size):
             predictions += predictor.predict(study.frames[first:first + predictor.batch_size], "autonomous", loop=loop)
         labels = np.stack([p.label_map for p in predictions])
         present = [{int(v) for v in np.unique(p.label_map)} for p in predictions]
