@@ -78,8 +78,6 @@ def run_loop(predictor: Sam2RadPredictor, frames: list[np.ndarray], features: di
     """Label maps of a loop in ``mode`` ("alpha:presence_alpha"; "1:1" is per-frame mode) and the PPN path's
     seconds."""
     t0 = time.perf_counter()
-    if mode == "memory" and not has_memory(predictor.model.backbone):
-        raise ValueError(f"mode 'memory' needs a backbone with SAM2's memory (sam2), not {predictor.model.backbone.name}")
     if mode == "memory":
         preds = predictor.predict(frames, features=features, loop=LoopState(use_memory=True))
     else:
@@ -134,6 +132,8 @@ def main() -> None:
     items = build_datalist(args.dataset_dir, split=args.split, seed=0)
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(len(items), size=min(args.loops, len(items)), replace=False).tolist())
+    if "memory" in args.modes and not has_memory(predictor.model.backbone):  # the predictor would blend instead
+        raise ValueError(f"mode 'memory' needs a backbone with SAM2's memory (sam2), not {predictor.model.backbone.name}")
     per_mode = {a: {"dice": [], "flicker": [], "ppn_s": 0.0} for a in args.modes}
     gt_flicker, encode_s, n_frames = [], 0.0, 0
     for n, index in enumerate(chosen):
@@ -160,7 +160,8 @@ def main() -> None:
         print(f"loop {n + 1}/{len(chosen)} (frame {items[index]['id']}) done", flush=True)
     result = {"split": args.split, "loops": [items[i]["id"] for i in chosen], "length": args.length,
               "seed": args.seed, "runtime": args.runtime, "backbone": predictor.model.backbone.identity(),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads", "encoder_s_per_frame": encode_s / n_frames,
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+              "encoder_s_per_frame": encode_s / n_frames,
               "gt_flicker": dict(zip(names, (100 * np.mean(gt_flicker, axis=0)).round(2).tolist())), "modes": {}}
     for mode, acc in per_mode.items():
         dice = np.array(acc["dice"])  # (loops, frames, C)
