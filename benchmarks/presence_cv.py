@@ -15,8 +15,9 @@ Steps (from ``bundle/``):
            --datalist "\\$__import__('json').load(open('<out>/fold0.json'))" --output_dir <out>/fold0
 
 3. ``--score``: score every fold model on its held-out fold (:func:`~sam2rad_monai.engine.presence.held_out_rows`),
-   pool the rows, choose per-class thresholds (:func:`~sam2rad_monai.engine.presence.presence_thresholds`), write
-   ``presence_cv.json``, and with ``--apply_to`` store them in a model file's presence offset.
+   pool the rows, choose per-class thresholds (:func:`~sam2rad_monai.engine.presence.presence_thresholds`) and then
+   minimum regions (:func:`~sam2rad_monai.engine.presence.region_minimums`), write ``presence_cv.json``, and with
+   ``--apply_to`` store them in a model file (presence offset and minimum regions).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from sam2rad_monai.data import build_datalist
 from sam2rad_monai.engine.evaluation import load_frame
 from sam2rad_monai.engine.presence import (PresenceRow, held_out_rows, presence_summary, presence_thresholds,
-                                           write_presence_offset)
+                                           region_minimums, write_presence_rule)
 from sam2rad_monai.inference import Sam2RadPredictor
 
 
@@ -101,15 +102,16 @@ def main() -> None:
         rows += fold_rows
         print(f"fold {k}: {len(held)} held-out frames scored")
     thresholds = presence_thresholds(rows, args.num_classes)
+    minimums = region_minimums(rows, thresholds)
     report = {"folds": args.folds, "scored_folds": scored, "seed": args.seed,
-              "classes": presence_summary(rows, thresholds), "rows": [asdict(r) for r in rows]}
+              "classes": presence_summary(rows, thresholds, minimums), "rows": [asdict(r) for r in rows]}
     for c, entry in report["classes"].items():
-        print(f"class {c}: threshold {entry['threshold']:.3f}; held-out Dice {entry['dice_before']:.2f} -> "
-              f"{entry['dice_after']:.2f}; {entry}")
+        print(f"class {c}: threshold {entry['threshold']:.3f}, minimum region {entry['min_region']:.4f}; held-out "
+              f"Dice {entry['dice_before']:.2f} -> {entry['dice_after']:.2f}; {entry}")
     (out / "presence_cv.json").write_text(json.dumps(report, indent=1))
     for path in args.apply_to:
-        print(f"presence offset += {thresholds.tolist()} in {write_presence_offset(path, thresholds)}")
-
+        written = write_presence_rule(path, thresholds, minimums)
+        print(f"presence offset += {thresholds.tolist()}, minimum regions {minimums.tolist()} in {written}")
 
 if __name__ == "__main__":
     main()

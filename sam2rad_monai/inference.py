@@ -52,8 +52,9 @@ class Sam2RadPredictor:
     Args:
         model: a Sam2Rad model (its PPN trained, or untrained for manual mode).
         device: where to run.
-        objectness_threshold: a class whose objectness logit is below it is empty (rows with a user prompt for that
-            class are kept: the user said the object is there).
+        objectness_threshold: a class whose objectness logit is below it is empty, as is one whose mask misses the
+            model's calibrated minimum region (:meth:`~sam2rad_monai.model.Sam2Rad.present`); rows with a user prompt
+            for that class are kept: the user said the object is there.
         batch_size: frames per encoder batch; ``None``: 1 on a CPU (LiteMedSAM's encoder there runs a frame alone
             faster than in a batch, docs/BENCHMARKS.md "Encoder runtimes"), 8 on an accelerator.
         runtime: ``torch`` (default), or an exported CPU runtime, ``onnx`` (ONNX Runtime) or ``openvino``
@@ -253,7 +254,7 @@ class Sam2RadPredictor:
         # objectness passes; in manual mode an unprompted class is empty (SAM with no prompt segments something)
         keep = torch.zeros(masks.shape[0], dtype=torch.bool, device=masks.device)
         if objectness is not None:
-            keep = objectness[i] >= self.objectness_threshold
+            keep = self.model.present(logits, objectness[i : i + 1], self.objectness_threshold)[0].to(masks.device)
         keep[list(prompted)] = True
         masks &= keep.reshape(-1, 1, 1)
         ranked = torch.where(masks, full, torch.tensor(float("-inf")))

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, Features
-from .ppn import DensePromptPredictor, PromptPredictor
+from .ppn import DensePromptPredictor, PromptPredictor, largest_region_fraction
 
 MASK_PROMPT_LOGIT = 10.0  # logit magnitude a user mask, box or click writes into the mask prompt
-OPTIONAL_PPN_KEYS = ("ppn.presence_offset",)  # absent from older model files; zero when absent
+OPTIONAL_PPN_KEYS = ("ppn.presence_offset", "ppn.presence_min_region")  # absent from older model files; zero then
 
 
 class Mode(str, Enum):
@@ -264,6 +264,21 @@ class Sam2Rad(nn.Module):
         out["logits"] = output.reshape(batch, classes, *output.shape[-2:])
         out["iou"] = iou.reshape(batch, classes)
         return out
+
+    def present(self, logits: Tensor, objectness: Tensor, threshold: float = 0.0) -> Tensor:
+        """Which classes the learned prompts call present: (B, C) bool from output ``logits`` (B, C, m, m) and
+        ``objectness`` (B, C) logits.
+
+        A class is present when its objectness is at least ``threshold`` and, for a dense PPN with a calibrated
+        ``presence_min_region``, when the largest connected region of its mask (logits > 0) covers at least that
+        share of the m x m grid: a call made of specks is not a structure.
+        """
+        keep = objectness >= threshold
+        minimum = getattr(self.ppn, "presence_min_region", None)
+        if minimum is None or not bool((minimum > 0).any()):
+            return keep
+        regions = largest_region_fraction((logits > 0).flatten(0, 1)).reshape(keep.shape)
+        return keep & (regions.to(minimum.device) >= minimum).to(keep.device)
 
     def _defer_to_box(self, prompts: Prompts, row_features: Features, boxed: Tensor, output: Tensor, iou: Tensor
                       ) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,8 @@ class Sam2RadSegmenter(nn.Module):
     The input is what :func:`~sam2rad_monai.transforms.preprocessing_transforms` gives: the frame resized to
     longest side ``S``, normalised with the backbone's statistics and zero-padded bottom / right. Channel ``k`` of the
     output is class ``k``'s sigmoid of the model's output logits at the input resolution (upscaled bilinearly, as
-    SAM does), set to 0 where the class's objectness logit is below ``objectness_threshold``; the background is
+    SAM does), set to 0 where the model does not call the class present (:meth:`Sam2Rad.present`: objectness logit
+    below ``objectness_threshold``, or a calibrated minimum region not reached); the background is
     1 - the largest class probability. So ``argmax`` over channels is the label map of
     :class:`~sam2rad_monai.inference.Sam2RadPredictor`: a pixel is class ``k`` where that class's logit is positive
     and the highest of the kept classes.
@@ -48,8 +49,9 @@ class Sam2RadSegmenter(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         out = self.model(image, mode=Mode.AUTONOMOUS)
+        keep = self.model.present(out["logits"], out["objectness"], self.objectness_threshold)
         logits = F.interpolate(out["logits"].float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        keep = (out["objectness"] >= self.objectness_threshold).to(logits.dtype)
+        keep = keep.to(logits.dtype)
         probs = torch.sigmoid(logits) * keep[..., None, None]
         return torch.cat([1.0 - probs.amax(dim=1, keepdim=True), probs], dim=1)
 

@@ -182,7 +182,10 @@ class DensePromptPredictor(nn.Module):
 
     The buffer ``presence_offset`` (C,) is subtracted from the objectness logits at evaluation: a presence threshold
     per class chosen on held-out frames (:mod:`sam2rad_monai.engine.presence`), zero until calibrated, so every
-    consumer of the objectness (predictor, network, exported graphs, validation) applies the same rule.
+    consumer of the objectness (predictor, network, exported graphs, validation) applies the same rule. The buffer
+    ``presence_min_region`` (C,), chosen on the same frames, is the share of the mask grid that a class's largest
+    connected region must cover for the class to be called (:meth:`~sam2rad_monai.model.Sam2Rad.present`; zero, no
+    rule, until calibrated).
     """
 
     num_tokens = 2  # the box's two tokens only
@@ -217,6 +220,7 @@ class DensePromptPredictor(nn.Module):
         nn.init.constant_(self.head.bias, -math.log(99.0))
         self.objectness_head = nn.Linear(2 * channels, num_classes)
         self.register_buffer("presence_offset", torch.zeros(num_classes))
+        self.register_buffer("presence_min_region", torch.zeros(num_classes))
 
     @torch.no_grad()
     def set_prototypes(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
@@ -353,6 +357,20 @@ def soft_extents(probs: Tensor) -> Tensor:
         edges.append((torch.minimum(first, last), torch.maximum(first, last)))
     (x1, x2), (y1, y2) = edges
     return torch.stack([x1, y1, x2, y2], dim=-1)
+
+
+def largest_region_fraction(masks: Tensor) -> Tensor:
+    """Area of the largest 4-connected region of each binary map (R, H, W), as a fraction (R,) of H x W.
+
+    With scipy.ndimage (a dependency already): MONAI's ``get_largest_connected_component_mask`` needs scikit-image,
+    an optional extra here, and gives the region, not its area.
+    """
+    out = torch.zeros(masks.shape[0], dtype=torch.float32)
+    for r, m in enumerate(masks.cpu().numpy()):
+        labels, count = ndimage.label(m)
+        if count:
+            out[r] = float(np.bincount(labels.ravel())[1:].max()) / m.size
+    return out.to(masks.device)
 
 
 def region_boxes(masks: Tensor, min_fraction: float = REGION_MIN_FRACTION) -> Tensor:

@@ -12,16 +12,19 @@ from PIL import Image
 from tests.frames import GREY_IDS, SAMPLE
 from sam2rad_monai.backbones import build_backbone, read_state_dict
 from sam2rad_monai.engine.evaluation import load_frame
-from sam2rad_monai.engine.presence import (PresenceRow, calibrate_presence, presence_thresholds,
-                                           write_presence_offset)
+from sam2rad_monai.engine.presence import (PresenceRow, calibrate_presence, presence_thresholds, region_minimums,
+                                           write_presence_rule)
 from sam2rad_monai.inference import Sam2RadPredictor
 from sam2rad_monai.model import Sam2Rad
 
 SHIPPED_MODEL = SAMPLE.parents[1] / "models" / "model.pt"
 
 
-def _rows(cls: int, objectness: list[float], kept: list[float], dropped: list[float]) -> list[PresenceRow]:
-    return [PresenceRow(f"{i:04d}", cls, o, k, d) for i, (o, k, d) in enumerate(zip(objectness, kept, dropped))]
+def _rows(cls: int, objectness: list[float], kept: list[float], dropped: list[float],
+          regions: list[float] | None = None) -> list[PresenceRow]:
+    regions = regions or [0.1] * len(objectness)
+    return [PresenceRow(f"{i:04d}", cls, o, k, d, r)
+            for i, (o, k, d, r) in enumerate(zip(objectness, kept, dropped, regions))]
 
 
 def test_threshold_maximises_held_out_dice_and_stays_at_zero_without_evidence():
@@ -38,6 +41,31 @@ def test_threshold_maximises_held_out_dice_and_stays_at_zero_without_evidence():
     assert thresholds[3] == 0.0, "a class with no rows keeps the trained rule"
 
 
+def test_minimum_region_drops_speckled_calls_among_those_the_threshold_keeps():
+    # class 1: false calls (dropped = 1) whose largest regions are specks, true ones one large region
+    rows = _rows(1, [3.0, 2.0, 1.0, 4.0, 2.5], [0.0, 0.0, 0.0, 0.8, 0.7], [1.0, 1.0, 0.0, 0.0, 0.0],
+                 [0.002, 0.004, 0.006, 0.03, 0.02])
+    # class 2: a structure always present and well kept, however small: no rule
+    rows += _rows(2, [1.0, 2.0], [0.9, 0.8], [0.0, 0.0], [0.001, 0.05])
+    minimums = region_minimums(rows, [0.0, 0.0])
+    assert minimums[0] == pytest.approx(0.005), "midpoint above the false calls, below the poorly kept true call"
+    assert minimums[1] == 0.0
+    # a threshold that already drops a false call leaves the region rule only the rest to decide
+    assert region_minimums(rows, [2.2, 0.0])[0] == pytest.approx(0.003)
+
+
+def test_present_drops_a_class_whose_largest_region_is_below_its_minimum():
+    model = _dense_model().eval()
+    logits = torch.full((1, 2, 10, 10), -5.0)
+    logits[0, 0, :5, :5] = 5.0  # one region of 25 of 100 grid pixels
+    logits[0, 1, 0, ::2] = 5.0  # five specks of one pixel each
+    objectness = torch.tensor([[1.0, 1.0]])
+    assert model.present(logits, objectness).tolist() == [[True, True]], "no calibrated minimum: objectness alone"
+    model.ppn.presence_min_region.copy_(torch.tensor([0.2, 0.02]))
+    assert model.present(logits, objectness).tolist() == [[True, False]]
+    assert model.present(logits, objectness, threshold=2.0).tolist() == [[False, False]]
+
+
 def _dense_model(seed: int = 0) -> Sam2Rad:
     torch.manual_seed(seed)
     return Sam2Rad(build_backbone("sam", "vit_b", image_size=64, pretrained=False), num_classes=2, ppn="dense")
@@ -48,11 +76,14 @@ def test_offset_lives_in_the_model_file_and_older_files_load_with_none(tmp_path)
     path = tmp_path / "model.pt"
     state = model.ppn_state_dict()
     assert torch.equal(state["ppn.presence_offset"], torch.zeros(2))
-    torch.save({k: v for k, v in state.items() if k != "ppn.presence_offset"}, path)  # a file from before 0.8
-    write_presence_offset(path, [0.0, 2.5])
+    old_keys = ("ppn.presence_offset", "ppn.presence_min_region")
+    torch.save({k: v for k, v in state.items() if k not in old_keys}, path)  # a file from before 0.8
+    write_presence_rule(path, [0.0, 2.5])
     assert torch.equal(read_state_dict(path)["ppn.presence_offset"], torch.tensor([0.0, 2.5]))
-    write_presence_offset(path, [1.0, -0.5])  # a second calibration adds to the first
+    assert "ppn.presence_min_region" not in read_state_dict(path), "no minimum given, none written"
+    write_presence_rule(path, [1.0, -0.5], [0.0, 0.01])  # a second calibration adds to the first offset
     assert torch.equal(read_state_dict(path)["ppn.presence_offset"], torch.tensor([1.0, 2.0]))
+    assert torch.equal(read_state_dict(path)["ppn.presence_min_region"], torch.tensor([0.0, 0.01]))
 
     embed = model.backbone.levels(model.encode(torch.randn(1, 3, 64, 64)))[0]
     with torch.no_grad():
@@ -62,12 +93,16 @@ def test_offset_lives_in_the_model_file_and_older_files_load_with_none(tmp_path)
         assert torch.allclose(other.ppn([embed]).objectness, raw - torch.tensor([1.0, 2.0]), atol=1e-5)
         other.load_ppn_state_dict(model.ppn_state_dict())  # an uncalibrated file resets the offset
         assert torch.allclose(other.ppn([embed]).objectness, raw, atol=1e-5)
-        old = {k: v for k, v in read_state_dict(path).items() if k != "ppn.presence_offset"}
+        old = {k: v for k, v in read_state_dict(path).items() if k not in old_keys}
         other.load_ppn_state_dict(read_state_dict(path))
-        other.load_ppn_state_dict(old)  # a file without the key loads with a zero offset, not the last one's
+        assert torch.equal(other.ppn.presence_min_region, torch.tensor([0.0, 0.01]))
+        other.load_ppn_state_dict(old)  # a file without the keys loads with no rule, not the last one's
         assert torch.equal(other.ppn.presence_offset, torch.zeros(2))
+        assert torch.equal(other.ppn.presence_min_region, torch.zeros(2))
     with pytest.raises(ValueError, match="3 thresholds for a model file of 2 classes"):
-        write_presence_offset(path, [0.0, 0.0, 0.0])
+        write_presence_rule(path, [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="1 minimum regions for a model file of 2 classes"):
+        write_presence_rule(path, [0.0, 0.0], [0.1])
 
 
 def test_calibration_on_real_frames_drops_a_class_called_on_frames_without_it(tmp_path):
@@ -83,7 +118,7 @@ def test_calibration_on_real_frames_drops_a_class_called_on_frames_without_it(tm
     model_path = tmp_path / "model.pt"
     model_path.write_bytes(SHIPPED_MODEL.read_bytes())
     predictor = Sam2RadPredictor.from_checkpoint(model_path, 2)
-    thresholds = calibrate_presence(predictor, items, model_path, tmp_path / "eval")
+    thresholds, _ = calibrate_presence(predictor, items, model_path, tmp_path / "eval")
     report = json.loads((tmp_path / "eval" / "presence.json").read_text())
     vessel = report["classes"]["2"]
     assert vessel["frames_without"] == 3 and vessel["dice_after"] == 100.0

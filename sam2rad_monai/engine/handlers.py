@@ -216,6 +216,7 @@ class SetPrototypes:
 
         ppn.set_prototypes(batches())
         ppn.presence_offset.zero_()  # a presence calibration belongs to the weights it was chosen for
+        ppn.presence_min_region.zero_()
         logger.info("dense PPN prototypes set from %d training images", len(self.dataset.data))
         if not getattr(ppn, "neighbours", 0):
             return
