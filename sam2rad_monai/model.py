@@ -270,15 +270,19 @@ class Sam2Rad(nn.Module):
         ``objectness`` (B, C) logits.
 
         A class is present when its objectness is at least ``threshold`` and, for a dense PPN with a calibrated
-        ``presence_min_region``, when the largest connected region of its mask (logits > 0) covers at least that
+        ``presence_min_region``, when the largest 8-connected region of its mask (logits > 0) covers at least that
         share of the m x m grid: a call made of specks is not a structure.
         """
         keep = objectness >= threshold
         minimum = getattr(self.ppn, "presence_min_region", None)
-        if minimum is None or not bool((minimum > 0).any()):
+        # a model file's constants: which classes have a rule is fixed for a traced graph too
+        ruled = [] if minimum is None else [k for k, v in enumerate(minimum.tolist()) if v > 0]
+        if not ruled:
             return keep
-        regions = largest_region_fraction((logits > 0).flatten(0, 1)).reshape(keep.shape)
-        return keep & (regions.to(minimum.device) >= minimum).to(keep.device)
+        regions = largest_region_fraction((logits[:, ruled] > 0).flatten(0, 1)).reshape(len(keep), len(ruled))
+        keep = keep.clone()
+        keep[:, ruled] &= (regions.to(minimum.device) >= minimum[ruled]).to(keep.device)
+        return keep
 
     def _defer_to_box(self, prompts: Prompts, row_features: Features, boxed: Tensor, output: Tensor, iou: Tensor
                       ) -> tuple[Tensor, Tensor]:
