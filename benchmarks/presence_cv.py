@@ -88,7 +88,7 @@ def main() -> None:
     scored = args.score_folds if args.score_folds is not None else list(range(args.folds))
     for k in scored:
         saved = out / f"rows{k}.json"  # a fold's rows are kept, so a rerun scores only the folds it lacks
-        if saved.is_file():
+        if saved.is_file() and all("region" in r for r in json.loads(saved.read_text())):  # older rows lack it
             rows += [PresenceRow(**r) for r in json.loads(saved.read_text())]
             continue
         held = json.loads((out / f"fold{k}.json").read_text())["val"]
@@ -110,6 +110,11 @@ def main() -> None:
               f"Dice {entry['dice_before']:.2f} -> {entry['dice_after']:.2f}; {entry}")
     (out / "presence_cv.json").write_text(json.dumps(report, indent=1))
     for path in args.apply_to:
+        # the rule was measured on fold models without one, so it belongs on a file without one, never added to one
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if any(bool(state.get(k, torch.zeros(1)).any()) for k in ("ppn.presence_offset", "ppn.presence_min_region")):
+            raise SystemExit(f"{path}: already carries a presence rule; apply the cross-validated one to an "
+                             "uncalibrated model file")
         written = write_presence_rule(path, thresholds, minimums)
         print(f"presence offset += {thresholds.tolist()}, minimum regions {minimums.tolist()} in {written}")
 

@@ -180,8 +180,10 @@ class Sam2RadPredictor:
                 if loop is not None:
                     if loop.use_memory and has_memory(self.model.backbone):
                         frame = {k: v[start + i : start + i + 1] for k, v in features.items()}
+                        called = self.model.present(out["logits"][i : i + 1], out["objectness"][i : i + 1],
+                                                    self.objectness_threshold)[0]
                         logits, objectness = track(self.model.backbone, frame, out["logits"][i],
-                                                   out["objectness"][i], loop, self.objectness_threshold)
+                                                   out["objectness"][i], loop, self.objectness_threshold, called)
                     else:
                         logits, objectness = blend(loop, out["logits"][i], out["objectness"][i], alpha,
                                                    presence_alpha)

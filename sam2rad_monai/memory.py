@@ -2,8 +2,8 @@
 memory encoder and memory attention carry each structure through the frames where they are not.
 
 Each class is one tracked object with its own memory, as in SAM2's video predictor. On a frame where the class's
-objectness logit passes the predictor's presence threshold (this project's rule: a dense PPN has no IoU estimate of
-its own, its presence probability stands in), the model's own autonomous mask is given to SAM2 as a mask prompt on
+model calls it present (objectness at or above the predictor's presence threshold, and any calibrated minimum
+region: a dense PPN has no IoU estimate of its own, its presence probability stands in), the model's own autonomous mask is given to SAM2 as a mask prompt on
 that frame (a conditioning frame, what ``SAM2VideoPredictor.add_new_mask`` does with a user's mask): the output is
 that mask, and SAM2 encodes it into the class's memory. On any other frame after the first conditioning one, SAM2
 segments the class from its memory alone (no prompt), and its object score decides presence; before the first, the
@@ -35,7 +35,7 @@ def has_memory(backbone: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def track(backbone: Sam2Backbone, features: Features, logits: Tensor, objectness: Tensor, state: LoopState,
-          threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+          threshold: float = 0.0, called: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One frame of a loop through SAM2's memory.
 
     Args:
@@ -45,6 +45,9 @@ def track(backbone: Sam2Backbone, features: Features, logits: Tensor, objectness
         objectness: (C,) its objectness logits.
         state: the loop's state (updated: frame index, one memory per class).
         threshold: the predictor's presence threshold on objectness logits (a class at or above it conditions).
+        called: (C,) bool, which classes the model calls present on this frame
+            (:meth:`~sam2rad_monai.model.Sam2Rad.present`, which adds a calibrated minimum region to the threshold);
+            those condition. Default: objectness at or above ``threshold``.
 
     Returns:
         (C, m, m) output logits and (C,) objectness logits on the same scale (SAM2's object score, present above 0,
@@ -64,7 +67,7 @@ def track(backbone: Sam2Backbone, features: Features, logits: Tensor, objectness
     t = state.frame
     out_logits, out_obj = logits.clone(), objectness.clone()
     for c, memory in enumerate(state.tracks):
-        conditioned = bool(objectness[c] >= threshold)
+        conditioned = bool(called[c]) if called is not None else bool(objectness[c] >= threshold)
         if not conditioned and not memory["cond_frame_outputs"]:
             continue  # nothing to track yet: the frame's own output stands
         mask = None

@@ -279,7 +279,7 @@ class Sam2Rad(nn.Module):
         ruled = [] if minimum is None else [k for k, v in enumerate(minimum.tolist()) if v > 0]
         if not ruled:
             return keep
-        regions = largest_region_fraction((logits[:, ruled] > 0).flatten(0, 1)).reshape(len(keep), len(ruled))
+        regions = largest_region_fraction((logits[:, ruled] > 0).flatten(0, 1)).reshape(-1, len(ruled))
         keep = keep.clone()
         keep[:, ruled] &= (regions.to(minimum.device) >= minimum[ruled]).to(keep.device)
         return keep

@@ -364,10 +364,11 @@ def largest_region_fraction(masks: Tensor) -> Tensor:
 
     Written in torch (every pixel takes the highest pixel index among its connected neighbours until nothing
     changes, then areas are counted per index) so that a traced ``network_def`` computes it too: scipy's and
-    MONAI's connected-component labelling (scikit-image or cuCIM) leave the graph. A traced graph runs H + W steps,
-    exact for every region whose path length across is shorter; eagerly it stops when nothing changes (exact).
+    MONAI's connected-component labelling (scikit-image or cuCIM) leave the graph. At most H + W steps, so eager and
+    traced give the same answer: exact for every region whose path length across is shorter (eagerly it stops
+    early once nothing changes; a traced graph runs every step).
     """
-    rows, h, w = masks.shape
+    h, w = masks.shape[-2:]
     inside = masks[:, None].float()
     ids = torch.arange(1, h * w + 1, dtype=torch.float32, device=masks.device).reshape(1, 1, h, w) * inside
     for _ in range(h + w):
@@ -375,8 +376,9 @@ def largest_region_fraction(masks: Tensor) -> Tensor:
         if not torch.jit.is_tracing() and torch.equal(grown, ids):
             break
         ids = grown
-    counts = torch.zeros(rows, h * w + 1, device=masks.device).scatter_add_(
-        1, ids.flatten(1).long(), torch.ones(rows, h * w, device=masks.device))
+    flat = ids.flatten(1).long()
+    ones = torch.ones_like(flat, dtype=torch.float32)  # shaped by the input, so a traced graph takes any batch
+    counts = torch.zeros_like(torch.cat([ones[:, :1], ones], dim=1)).scatter_add_(1, flat, ones)
     return counts[:, 1:].amax(dim=1) / (h * w)
 
 
