@@ -33,8 +33,9 @@ import torch
 
 from sam2rad_monai.data import build_datalist
 from sam2rad_monai.engine.evaluation import load_frame
-from sam2rad_monai.engine.presence import (PresenceRow, held_out_rows, presence_summary, presence_thresholds,
-                                           region_minimums, write_presence_rule)
+from sam2rad_monai.backbones import read_state_dict
+from sam2rad_monai.engine.presence import (MIN_REGION_KEY, OFFSET_KEY, PresenceRow, held_out_rows, presence_summary,
+                                           presence_thresholds, region_minimums, write_presence_rule)
 from sam2rad_monai.inference import Sam2RadPredictor
 
 
@@ -88,8 +89,9 @@ def main() -> None:
     scored = args.score_folds if args.score_folds is not None else list(range(args.folds))
     for k in scored:
         saved = out / f"rows{k}.json"  # a fold's rows are kept, so a rerun scores only the folds it lacks
-        if saved.is_file() and all("region" in r for r in json.loads(saved.read_text())):  # older rows lack it
-            rows += [PresenceRow(**r) for r in json.loads(saved.read_text())]
+        kept = json.loads(saved.read_text()) if saved.is_file() else []
+        if kept and all("region" in r for r in kept):  # rows saved before regions existed are scored again
+            rows += [PresenceRow(**r) for r in kept]
             continue
         held = json.loads((out / f"fold{k}.json").read_text())["val"]
         predictor = Sam2RadPredictor.from_checkpoint(out / f"fold{k}" / "models" / "model.pt", args.num_classes)
@@ -111,8 +113,8 @@ def main() -> None:
     (out / "presence_cv.json").write_text(json.dumps(report, indent=1))
     for path in args.apply_to:
         # the rule was measured on fold models without one, so it belongs on a file without one, never added to one
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if any(bool(state.get(k, torch.zeros(1)).any()) for k in ("ppn.presence_offset", "ppn.presence_min_region")):
+        state = read_state_dict(path)
+        if any(bool(state.get(k, torch.zeros(1)).any()) for k in (OFFSET_KEY, MIN_REGION_KEY)):
             raise SystemExit(f"{path}: already carries a presence rule; apply the cross-validated one to an "
                              "uncalibrated model file")
         written = write_presence_rule(path, thresholds, minimums)
