@@ -17,7 +17,8 @@ Steps (from ``bundle/``):
 3. ``--score``: score every fold model on its held-out fold (:func:`~sam2rad_monai.engine.presence.held_out_rows`),
    pool the rows, choose per-class thresholds (:func:`~sam2rad_monai.engine.presence.presence_thresholds`) and then
    minimum regions (:func:`~sam2rad_monai.engine.presence.region_minimums`), write ``presence_cv.json``, and with
-   ``--apply_to`` store them in a model file (presence offset and minimum regions).
+   ``--apply_to`` store them in a model file (presence offset and minimum regions). With more than one fold scored,
+   it also reports each fold's held-out Dice under the rule chosen on the other folds (leave one fold out).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sam2rad_monai.data import build_datalist
@@ -63,6 +65,23 @@ def make_folds(dataset_dir: str, folds: int, num_classes: int, seed: int = 0) ->
     return out
 
 
+def leave_one_fold_out(by_fold: dict[int, list[PresenceRow]], num_classes: int) -> dict[str, dict]:
+    """Per class: each fold's held-out mean Dice (%) with no rule and under the rule chosen on the other folds'
+    rows, and the mean of folds of both."""
+    out: dict[str, dict] = {str(c): {"folds": {}} for c in range(1, num_classes + 1)}
+    for k, held in by_fold.items():
+        others = [r for j, fold_rows in by_fold.items() if j != k for r in fold_rows]
+        thresholds = presence_thresholds(others, num_classes)
+        summary = presence_summary(held, thresholds, region_minimums(others, thresholds))
+        for c, entry in summary.items():
+            out[c]["folds"][k] = {key: entry[key] for key in ("threshold", "min_region", "dice_before", "dice_after",
+                                                              "false_calls_after", "missed_after")}
+    for entry in out.values():
+        for key in ("dice_before", "dice_after"):
+            entry[key] = float(np.mean([f[key] for f in entry["folds"].values()]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
@@ -85,13 +104,14 @@ def main() -> None:
             print(f"fold {k}: {len(fold['train'])} training, {len(fold['val'])} held-out frames")
     if not args.score:
         return
-    rows, encoder = [], None
+    rows, encoder, by_fold = [], None, {}
     scored = args.score_folds if args.score_folds is not None else list(range(args.folds))
     for k in scored:
         saved = out / f"rows{k}.json"  # a fold's rows are kept, so a rerun scores only the folds it lacks
         kept = json.loads(saved.read_text()) if saved.is_file() else []
         if kept and all("region" in r for r in kept):  # rows saved before regions existed are scored again
-            rows += [PresenceRow(**r) for r in kept]
+            by_fold[k] = [PresenceRow(**r) for r in kept]
+            rows += by_fold[k]
             continue
         held = json.loads((out / f"fold{k}.json").read_text())["val"]
         predictor = Sam2RadPredictor.from_checkpoint(out / f"fold{k}" / "models" / "model.pt", args.num_classes)
@@ -101,6 +121,7 @@ def main() -> None:
         features, _ = encoder.encode(frames)
         fold_rows = held_out_rows(predictor, held, features)
         saved.write_text(json.dumps([asdict(r) for r in fold_rows]))
+        by_fold[k] = fold_rows
         rows += fold_rows
         print(f"fold {k}: {len(held)} held-out frames scored")
     thresholds = presence_thresholds(rows, args.num_classes)
@@ -110,6 +131,11 @@ def main() -> None:
     for c, entry in report["classes"].items():
         print(f"class {c}: threshold {entry['threshold']:.3f}, minimum region {entry['min_region']:.4f}; held-out "
               f"Dice {entry['dice_before']:.2f} -> {entry['dice_after']:.2f}; {entry}")
+    if len(by_fold) > 1:  # how well the rule carries to frames it was not chosen on
+        report["leave_one_fold_out"] = leave_one_fold_out(by_fold, args.num_classes)
+        for c, entry in report["leave_one_fold_out"].items():
+            print(f"class {c}, each fold's rule chosen on the others: held-out Dice, mean of folds "
+                  f"{entry['dice_before']:.2f} (no rule) -> {entry['dice_after']:.2f}; by fold {entry['folds']}")
     (out / "presence_cv.json").write_text(json.dumps(report, indent=1))
     for path in args.apply_to:
         # the rule was measured on fold models without one, so it belongs on a file without one, never added to one
