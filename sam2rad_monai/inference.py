@@ -260,7 +260,8 @@ class Sam2RadPredictor:
         keep[list(prompted)] = True
         masks &= keep.reshape(-1, 1, 1)
         ranked = torch.where(masks, full, torch.tensor(float("-inf")))
-        label_map = torch.where(masks.any(0), ranked.argmax(0) + 1, 0).to(torch.uint8)
+        # max gives argmax's indices (the first of equal values) and, over the leading class dimension, runs faster
+        label_map = torch.where(masks.any(0), ranked.max(0).indices + 1, 0).to(torch.uint8)
         return Prediction(
             label_map=label_map.cpu().numpy(), masks=masks.cpu().numpy(),
             objectness=None if objectness is None else objectness[i].cpu().numpy(),

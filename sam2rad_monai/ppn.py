@@ -366,12 +366,20 @@ def largest_region_fraction(masks: Tensor) -> Tensor:
     changes, then areas are counted per index) so that a traced ``network_def`` computes it too: scipy's and
     MONAI's connected-component labelling (scikit-image or cuCIM) leave the graph. At most H + W steps, so eager and
     traced give the same answer: exact for every region whose path length across is shorter (eagerly it stops
-    early once nothing changes; a traced graph runs every step).
+    early once nothing changes; a traced graph runs every step). Eagerly the steps run on the bounding box of all
+    the maps' pixels only (nothing outside it is inside a region, so the areas are the same).
     """
     h, w = masks.shape[-2:]
+    steps = h + w
+    if not torch.jit.is_tracing():
+        rows, cols = masks.any(2).any(0).nonzero().flatten(), masks.any(1).any(0).nonzero().flatten()
+        if rows.numel() == 0:
+            return torch.zeros(masks.shape[0], device=masks.device)
+        masks = masks[:, int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
     inside = masks[:, None].float()
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32, device=masks.device).reshape(1, 1, h, w) * inside
-    for _ in range(h + w):
+    ids = torch.arange(1, inside[0, 0].numel() + 1, dtype=torch.float32, device=masks.device
+                       ).reshape(1, 1, *masks.shape[-2:]) * inside
+    for _ in range(steps):
         grown = F.max_pool2d(ids, kernel_size=3, stride=1, padding=1) * inside
         if not torch.jit.is_tracing() and torch.equal(grown, ids):
             break

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from tests.frames import GREY_IDS, SAMPLE
 from sam2rad_monai.backbones import build_backbone, read_state_dict
@@ -16,6 +17,7 @@ from sam2rad_monai.engine.presence import (PresenceRow, calibrate_presence, pres
                                            write_presence_rule)
 from sam2rad_monai.inference import Sam2RadPredictor
 from sam2rad_monai.model import Sam2Rad
+from sam2rad_monai.ppn import largest_region_fraction
 
 SHIPPED_MODEL = SAMPLE.parents[1] / "models" / "model.pt"
 
@@ -127,3 +129,19 @@ def test_calibration_on_real_frames_drops_a_class_called_on_frames_without_it(tm
     calibrated = Sam2RadPredictor.from_checkpoint(model_path, 2)
     frames = [load_frame(item)[0] for item in items]
     assert not any((p.label_map == 2).any() for p in calibrated.predict(frames))
+
+
+def test_largest_region_matches_8_connected_labelling_eagerly_traced_and_on_empty_maps():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, 48, 40, generator=generator) > 0.55  # many regions touching only at corners
+    masks[2] = False  # an empty map among others
+    masks[3] = False
+    masks[3, 30:34, 5:9] = True  # one square away from the others' bounding box
+    expected = []
+    for m in masks.numpy():
+        labels, count = ndimage.label(m, structure=np.ones((3, 3)))
+        expected.append(np.bincount(labels.ravel())[1:].max() / m.size if count else 0.0)
+    assert torch.allclose(largest_region_fraction(masks), torch.tensor(expected, dtype=torch.float32))
+    traced = torch.jit.trace(largest_region_fraction, masks[:1])
+    assert torch.allclose(traced(masks), torch.tensor(expected, dtype=torch.float32))
+    assert torch.equal(largest_region_fraction(torch.zeros(2, 8, 8, dtype=torch.bool)), torch.zeros(2))
