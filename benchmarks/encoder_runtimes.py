@@ -8,7 +8,10 @@ and at the feature cache's batch of 8, PyTorch with bf16 autocast, ONNX Runtime 
 its CPU default precision (bf16 where the CPU has it). The ONNX graph is exported once from the packaged weights
 (TorchScript exporter, opset 17, batch 1: TinyViT's patch merging bakes the batch into a reshape). Every runtime
 encodes the same random images; ``max_abs_diff`` is against PyTorch fp32 on the same image. Timings are the mean
-of ``--repeats`` calls after one warm-up, with ``--threads`` threads; ratios are against PyTorch fp32 at batch 8.
+of ``--repeats`` calls after one warm-up, with ``--threads`` threads; ratios are against PyTorch fp32 at batch 8 and
+at batch 1 (the CPU default). For scale, the result also holds the encoder's floating-point operations per image
+(``torch.utils.flop_counter``) and the machine's dense matrix-multiply rate in fp32 and bf16 (PyTorch, 4096 x 4096,
+same threads): the ceiling a runtime of that precision could approach.
 
     uv run python benchmarks/encoder_runtimes.py --device cuda --repeats 50 --model_path bundle/models/model.pt
 
@@ -63,6 +66,36 @@ def timed_cuda(run: Callable, inputs, frames: int, repeats: int, warmup: int) ->
     torch.cuda.synchronize()
     seconds = np.array([start.elapsed_time(stop) / 1000 / frames for start, stop in events])
     return {"mean": float(seconds.mean()), "median": float(np.median(seconds)), "min": float(seconds.min())}, out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def encoder_gflop(encoder: torch.nn.Module, image: np.ndarray) -> float:
+    """Floating-point operations (10^9, a multiply-add counted as two) of one encoder pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(torch.from_numpy(image))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_rate(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of a dense ``size`` x ``size`` matrix product in ``dtype`` (after one warm-up)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def sample_frames(count: int) -> list[np.ndarray]:
@@ -209,11 +242,17 @@ def main() -> None:
                        *timed(lambda x, c=compiled: c(x)[0], one, args.repeats))
         except ImportError as err:
             print("openvino skipped:", err)
-    base = rows["torch fp32 batch 8"]["s_per_image"]
+    base, batch1 = rows["torch fp32 batch 8"]["s_per_image"], rows["torch fp32 batch 1"]["s_per_image"]
+    gflop = encoder_gflop(encoder, one)
     for row in rows.values():
         row["speed_vs_torch_batch8"] = round(base / row["s_per_image"], 2)
-    result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-              "torch": torch.__version__, "rows": rows}
+        row["speed_vs_torch_batch1"] = round(batch1 / row["s_per_image"], 2)
+        row["gflop_per_s"] = round(gflop / row["s_per_image"], 1)
+    result = {"machine": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+              "encoder_gflop_per_image": round(gflop, 2),
+              "matmul_gflop_per_s": {name: round(matmul_rate(dtype), 1)
+                                     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
+              "rows": rows}
     print(json.dumps(result, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
