@@ -13,7 +13,8 @@ from .backbones import Backbone, Features
 from .ppn import DensePromptPredictor, PromptPredictor, largest_region_fraction
 
 MASK_PROMPT_LOGIT = 10.0  # logit magnitude a user mask, box or click writes into the mask prompt
-OPTIONAL_PPN_KEYS = ("ppn.presence_offset", "ppn.presence_min_region")  # absent from older model files; zero then
+# absent from older model files; zero then (a dense PPN's presence rule and region term)
+OPTIONAL_PPN_KEYS = ("ppn.presence_offset", "ppn.presence_min_region", "ppn.region_objectness")
 
 
 class Mode(str, Enum):
@@ -185,8 +186,10 @@ class Sam2Rad(nn.Module):
         for key in banks & set(state):
             setattr(self.ppn, key[len("ppn."):], torch.empty_like(state[key], device=self.ppn.prototypes.device))
         self.load_state_dict(state, strict=False)
-        for key in optional:
-            self.get_buffer(key).zero_()
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        with torch.no_grad():
+            for key in optional:
+                tensors[key].zero_()
 
     def encode(self, images: Tensor) -> Features:
         return self.backbone.encode(images)

@@ -155,7 +155,8 @@ class PromptPredictor(nn.Module):
 
 class DensePromptPredictor(nn.Module):
     """A lean PPN for few labels: a dilated-convolution head on the frozen embedding predicts every class's mask
-    prompt in one pass; the box is read off it, and a pooled head gives the objectness.
+    prompt in one pass; the box is read off it, and a pooled head gives the objectness (from the trunk's features over
+    the whole grid and, per class, averaged under that class's own predicted mask).
 
     Inputs per pixel: the (normalised) embedding, its cosine similarity to per-class and background prototypes of
     the labelled frames (PerSAM / SurgicalSAM's training-free prior, :meth:`set_prototypes`; zero until set), its
@@ -219,6 +220,10 @@ class DensePromptPredictor(nn.Module):
         # is not swamped by the background at the first steps (without it, training depended on the init seed)
         nn.init.constant_(self.head.bias, -math.log(99.0))
         self.objectness_head = nn.Linear(2 * channels, num_classes)
+        # the objectness also reads the trunk's features averaged under each class's own mask (masked average
+        # pooling), so a presence call can rest on the candidate region itself; zero-initialised, so it starts as
+        # (and older model files load as) the whole-grid head alone
+        self.region_objectness = nn.Parameter(torch.zeros(num_classes, channels))
         self.register_buffer("presence_offset", torch.zeros(num_classes))
         self.register_buffer("presence_min_region", torch.zeros(num_classes))
 
@@ -296,7 +301,11 @@ class DensePromptPredictor(nn.Module):
         x = self.stem(self.inputs(embed, neighbours))
         for block in self.blocks:
             x = x + block(x)
-        return self.head(x), self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
+        logits = self.head(x)
+        objectness = self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
+        weights = logits.detach().sigmoid()  # the presence term reads the mask but does not train it
+        region = torch.einsum("bkhw,bdhw->bkd", weights, x) / (weights.sum((2, 3))[..., None] + 1.0)
+        return logits, objectness + (region * self.region_objectness).sum(-1)
 
     def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
                 dense_init: Tensor | None = None, region_box: bool = True, neighbours: Tensor | None = None

@@ -176,3 +176,28 @@ def test_a_model_file_carries_its_neighbour_bank_and_older_dense_files_load():
     fresh = Sam2Rad(dense.backbone, num_classes=2, ppn="dense")
     fresh.load_ppn_state_dict(older.ppn_state_dict())
     assert fresh.ppn.neighbours == 0 and "ppn.bank" not in fresh.ppn_state_dict()
+
+
+def test_objectness_reads_the_class_mask_without_training_it_and_older_files_load_it_as_zero():
+    ppn = DensePromptPredictor(num_classes=2, level_channels=(8,), mask_prompt_size=16, neighbours=0, mirror=False)
+    embed = torch.randn(2, 8, 8, 8)
+    ppn.set_prototypes([(embed, torch.ones(2, 2, 16, 16))])
+    ppn.eval()  # no dropout, so the two passes are comparable
+    plain_logits, plain = ppn._predict(embed)
+    with torch.no_grad():
+        ppn.region_objectness.fill_(0.5)
+    logits, objectness = ppn._predict(embed)
+    assert torch.equal(logits, plain_logits) and not torch.allclose(objectness, plain)
+    ppn.zero_grad()
+    objectness.sum().backward()
+    assert ppn.region_objectness.grad.abs().sum() > 0
+    assert ppn.head.weight.grad is None or ppn.head.weight.grad.abs().sum() == 0  # the mask is read, not trained
+    model = _model()
+    with torch.no_grad():
+        model.ppn.region_objectness.fill_(1.0)
+    older = {k: v for k, v in model.ppn_state_dict().items() if k != "ppn.region_objectness"}
+    fresh = _model()
+    with torch.no_grad():
+        fresh.ppn.region_objectness.fill_(3.0)
+    fresh.load_ppn_state_dict(older)
+    assert fresh.ppn.region_objectness.abs().sum() == 0
