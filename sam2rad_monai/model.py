@@ -186,10 +186,8 @@ class Sam2Rad(nn.Module):
         for key in banks & set(state):
             setattr(self.ppn, key[len("ppn."):], torch.empty_like(state[key], device=self.ppn.prototypes.device))
         self.load_state_dict(state, strict=False)
-        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        with torch.no_grad():
-            for key in optional:
-                tensors[key].zero_()
+        for key in optional:  # a state dict's tensors share the model's storage
+            own[key].zero_()
 
     def encode(self, images: Tensor) -> Features:
         return self.backbone.encode(images)
