@@ -173,7 +173,7 @@ class Sam2Rad(nn.Module):
             add_lora(self.backbone.mask_decoder, rank)
             self.lora_rank = rank
         own = self.ppn_state_dict()
-        # model files written before a buffer existed load with its neutral value (zero presence offset)
+        # model files written before an optional tensor existed load it at its neutral value, zero
         optional = {k for k in OPTIONAL_PPN_KEYS if k in own} - set(state)
         missing, unexpected = sorted(set(own) - set(state) - optional), sorted(set(state) - set(own))
         banks = {f"ppn.{name}" for name in ("bank", "bank_class", "bank_source")}  # sized by the labelled frames
