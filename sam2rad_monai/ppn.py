@@ -24,8 +24,8 @@ from torchvision.ops import MLP, masks_to_boxes
 # (threshold min(0, peak - margin)): a structure seen with little confidence still gets its most likely region
 # instead of nothing; chosen on validation, docs/BENCHMARKS.md
 PEAK_MARGIN = 3.0
-# Chosen on the usgra validation split with the shipped model (lp Dice nerve / vessel: largest region only
-# 0.434 / 0.329, regions >= 0.25 of the largest 0.477 / 0.387, >= 0.1 0.485 / 0.367, every region 0.475 / 0.367)
+# Share of the largest connected region a region needs to count in region_boxes; chosen on validation,
+# docs/BENCHMARKS.md ("Structures in several parts")
 REGION_MIN_FRACTION = 0.25
 
 
