@@ -25,7 +25,7 @@ from torchvision.ops import MLP, masks_to_boxes
 # instead of nothing; chosen on validation, docs/BENCHMARKS.md
 PEAK_MARGIN = 3.0
 # Share of the largest connected region a region needs to count in region_boxes; chosen on validation,
-# docs/BENCHMARKS.md ("Structures in several parts")
+# docs/BENCHMARKS.md ("Bundle 0.2.1 changed only how the box is read off the mask prompt")
 REGION_MIN_FRACTION = 0.25
 
 
