@@ -12,7 +12,10 @@ Steps (from ``bundle/``):
 
        uv run python -m monai.bundle run training --config_file "['configs/train.json','configs/few_shot.json']" \\
            --dataset_dir <data> --num_train_images '$None' --cache_views 2 --max_steps 1000 --val_interval 250 \\
+           --member_augmentations '[]' --self_support 0.0 \\
            --datalist "\\$__import__('json').load(open('<out>/fold0.json'))" --output_dir <out>/fold0
+
+   (the full-data recipe: one trunk, no self-support term; bundle 0.12's few-shot overlay turns both on).
 
 3. ``--score``: score every fold model on its held-out fold (:func:`~sam2rad_monai.engine.presence.held_out_rows`),
    pool the rows, choose per-class thresholds (:func:`~sam2rad_monai.engine.presence.presence_thresholds`) and then

@@ -13,8 +13,20 @@ from .backbones import Backbone, Features
 from .ppn import DensePromptPredictor, PromptPredictor, largest_region_fraction
 
 MASK_PROMPT_LOGIT = 10.0  # logit magnitude a user mask, box or click writes into the mask prompt
-# absent from older model files; zero then (a dense PPN's presence rule and region term)
-OPTIONAL_PPN_KEYS = ("ppn.presence_offset", "ppn.presence_min_region", "ppn.region_objectness")
+# absent from older model files; zero then (a dense PPN's presence rule, region term and self-support weight)
+OPTIONAL_PPN_KEYS = ("ppn.presence_offset", "ppn.presence_min_region", "ppn.trunks.0.region_objectness",
+                     "ppn.self_support")
+# a dense PPN's trunk tensors, which model files before bundle 0.12 hold at the PPN's top level (one trunk)
+_TRUNK_PARTS = ("norm.", "stem.", "blocks.", "head.", "objectness_head.", "region_objectness")
+
+
+def current_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A model file's state dict with this version's key names: a dense PPN file written before bundle 0.12 holds
+    its one trunk at the PPN's top level (``ppn.stem...``), read as ``ppn.trunks.0.stem...``; others unchanged."""
+    if "ppn.prototypes" not in state or any(k.startswith("ppn.trunks.") for k in state):
+        return state
+    return {f"ppn.trunks.0.{k[4:]}" if k.startswith("ppn.") and k[4:].startswith(_TRUNK_PARTS) else k: v
+            for k, v in state.items()}
 
 
 class Mode(str, Enum):
@@ -103,31 +115,36 @@ class Sam2Rad(nn.Module):
             decoder pass to train (``forward(..., decode=False)``), for few labels and CPU budgets.
         click_radius: radius of the disc a refine-mode click paints into the mask prompt, as a fraction of the input
             side (1/16 was the best of 1/32 to 1/8 in the click benchmark on the usgra validation split).
+        trunks, self_support: a dense PPN's ensemble members and self-support weight
+            (:class:`~sam2rad_monai.ppn.DensePromptPredictor`); a model file brings its own.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, num_tokens: int = 10, depth: int = 3,
                  num_heads: int = 8, mlp_dim: int = 2048, mask_head_channels: int = 64, dropout: float = 0.1,
                  lora_rank: int = 0, box_source: str = "mask", fuse_mask_prompt: bool = True,
-                 click_radius: float = 1 / 16, ppn: str = "attention") -> None:
+                 click_radius: float = 1 / 16, ppn: str = "attention", trunks: int = 1,
+                 self_support: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.fuse_mask_prompt = fuse_mask_prompt
         self.click_radius = click_radius
         self._ppn_kwargs = dict(num_tokens=num_tokens, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source)
+                                mask_head_channels=mask_head_channels, dropout=dropout, box_source=box_source,
+                                trunks=trunks, self_support=self_support)
         self.ppn: PromptPredictor | DensePromptPredictor
         self._build_ppn(ppn)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             add_lora(backbone.mask_decoder, lora_rank)
 
-    def _build_ppn(self, kind: str, bank: bool = True) -> None:
+    def _build_ppn(self, kind: str, bank: bool = True, trunks: int | None = None) -> None:
         if kind not in ("attention", "dense"):
             raise ValueError(f"ppn must be 'attention' or 'dense', got {kind!r}")
         bb, kw = self.backbone, self._ppn_kwargs
         if kind == "dense":  # bank=False: the layout of dense model files before bundle 0.5 (no neighbour maps)
             ppn = DensePromptPredictor(self.num_classes, bb.level_channels, bb.mask_prompt_size, dropout=kw["dropout"],
+                                       trunks=trunks or kw["trunks"], self_support=kw["self_support"],
                                        **({} if bank else {"neighbours": 0}))
         else:
             ppn = PromptPredictor(self.num_classes, kw["num_tokens"], bb.level_channels, bb.mask_prompt_size,
@@ -163,13 +180,18 @@ class Sam2Rad(nn.Module):
         part of the trained model, so configs need not repeat them); any other difference is an error.
         """
         kind = "dense" if "ppn.prototypes" in state else "attention"
+        state = current_layout(state)
         previous = (self.ppn, self.ppn_kind)
         bank = "ppn.bank" in state
-        if kind != self.ppn_kind or (kind == "dense" and bool(self.ppn.neighbours) != bank):
-            self._build_ppn(kind, bank=bank)
+        trunks = len({k.split(".")[2] for k in state if k.startswith("ppn.trunks.")})
+        if kind != self.ppn_kind or (kind == "dense" and (bool(self.ppn.neighbours) != bank
+                                                          or len(self.ppn.trunks) != trunks)):
+            self._build_ppn(kind, bank=bank, trunks=trunks or None)
         rank = next((v.shape[0] for k, v in state.items() if k.endswith("lora_a")), 0)
         # adopt the rank only for a checkpoint that otherwise matches, so a refused one leaves the model as it was
-        if rank and self.lora_rank == 0 and {k for k in state if "lora_" not in k} == set(self.ppn_state_dict()):
+        expected = set(self.ppn_state_dict())
+        if rank and self.lora_rank == 0 and {k for k in state if "lora_" not in k} | (
+                expected & set(OPTIONAL_PPN_KEYS)) == expected:
             add_lora(self.backbone.mask_decoder, rank)
             self.lora_rank = rank
         own = self.ppn_state_dict()
@@ -221,9 +243,10 @@ class Sam2Rad(nn.Module):
             raise ValueError(f"{mode.value} mode needs user prompts (boxes, points or masks)")
         self._set_lora(mode is not Mode.MANUAL)
         features = inputs if isinstance(inputs, dict) else self.backbone.encode(inputs)
-        # cached features are fp16; "neighbours" are a dense PPN's precomputed neighbour maps of training rows
-        neighbours = features.get("neighbours")
-        features = {k: v.float() for k, v in features.items() if k != "neighbours"}
+        # cached features are fp16; "neighbours" are a dense PPN's precomputed neighbour maps of training rows and
+        # "member" their ensemble member (which trunk trains on them)
+        neighbours, member = features.get("neighbours"), features.get("member")
+        features = {k: v.float() for k, v in features.items() if k not in ("neighbours", "member")}
         batch, classes = features["embed"].shape[0], self.num_classes
         rows = batch * classes
         out: dict[str, Tensor] = {}
@@ -231,7 +254,7 @@ class Sam2Rad(nn.Module):
         if mode is Mode.MANUAL:
             sparse, dense = self._user_prompts(prompts, rows)
         else:
-            learned = self._learned_prompts(features, neighbours=neighbours)
+            learned = self._learned_prompts(features, neighbours=neighbours, member=member)
             tokens, mask_prompt = learned.pop("tokens"), learned["mask_prompts"]
             out.update({k: v.reshape(batch, classes, *v.shape[1:]) for k, v in learned.items()})
             if mode is Mode.AUTONOMOUS:
@@ -309,15 +332,17 @@ class Sam2Rad(nn.Module):
             if isinstance(module, LoRALinear):
                 module.enabled = enabled
 
-    def _learned_prompts(self, features: Features, region_box: bool = True, neighbours: Tensor | None = None
-                         ) -> dict[str, Tensor]:
+    def _learned_prompts(self, features: Features, region_box: bool = True, neighbours: Tensor | None = None,
+                         member: Tensor | None = None) -> dict[str, Tensor]:
         """The PPN's prompts per row: ``tokens``, ``boxes``, ``box_fit``, ``mask_prompts`` (R, m, m), ``objectness``
-        (``region_box=False``: no mask-read box, see :class:`~sam2rad_monai.ppn.PromptPredictor`; ``neighbours``:
-        a dense PPN's precomputed neighbour maps, :meth:`~sam2rad_monai.ppn.DensePromptPredictor.forward`)."""
+        (``region_box=False``: no mask-read box, see :class:`~sam2rad_monai.ppn.PromptPredictor`; ``neighbours``,
+        ``member``: a dense PPN's precomputed neighbour maps and trunk index of training rows,
+        :meth:`~sam2rad_monai.ppn.DensePromptPredictor.forward`)."""
         bb = self.backbone
         levels = bb.levels(features)
         level_pe = [bb.dense_pe()] + [bb.grid_pe(tuple(level.shape[-2:])) for level in levels[1:]]
-        extra = {} if neighbours is None else {"neighbours": neighbours}  # only a dense PPN's training rows have them
+        # only a dense PPN's training rows have them
+        extra = {k: v for k, v in (("neighbours", neighbours), ("member", member)) if v is not None}
         pred = self.ppn(levels, level_pe, bb.prompt_encoder.no_mask_embed.weight[0], region_box=region_box, **extra)
         learned = {"tokens": pred.tokens, "boxes": pred.boxes, "box_fit": pred.box_fit,
                    "mask_prompts": pred.mask_prompts[:, 0], "objectness": pred.objectness}

@@ -153,6 +153,48 @@ class PromptPredictor(nn.Module):
                          objectness=objectness)
 
 
+class DenseTrunk(nn.Module):
+    """One trunk of a :class:`DensePromptPredictor`: a dilated-convolution stack from the per-pixel inputs to every
+    class's mask logits, and the pooled objectness head.
+
+    Args:
+        embed: channels of the embedding (normalised here, :class:`LayerNorm2d`).
+        extra: channels of the other per-pixel inputs (similarities and coordinates).
+        num_classes, channels, dilations, dropout: as :class:`DensePromptPredictor`.
+    """
+
+    def __init__(self, embed: int, extra: int, num_classes: int, channels: int = 64,
+                 dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(embed)
+        self.stem = nn.Sequential(nn.Conv2d(embed + extra, channels, 1), nn.GroupNorm(8, channels), nn.GELU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=d, dilation=d), nn.GroupNorm(8, channels),
+                          nn.GELU(), nn.Dropout2d(dropout))
+            for d in dilations
+        )
+        self.head = nn.Conv2d(channels, num_classes, 1)
+        # RetinaNet's prior (Lin et al. 2017): start every pixel at foreground probability 0.01, so the focal loss
+        # is not swamped by the background at the first steps (without it, training depended on the init seed)
+        nn.init.constant_(self.head.bias, -math.log(99.0))
+        self.objectness_head = nn.Linear(2 * channels, num_classes)
+        # the objectness also reads the trunk's features averaged under each class's own mask (masked average
+        # pooling), so a presence call can rest on the candidate region itself; zero-initialised, so it starts as
+        # (and older model files load as) the whole-grid head alone
+        self.region_objectness = nn.Parameter(torch.zeros(num_classes, channels))
+
+    def forward(self, embed: Tensor, extra: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w) and inputs (B, E, h, w)."""
+        x = self.stem(torch.cat([self.norm(embed), extra.to(embed.dtype)], dim=1))
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x)
+        objectness = self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
+        weights = logits.detach().sigmoid()  # the presence term reads the mask but does not train it
+        region = torch.einsum("bkhw,bdhw->bkd", weights, x) / (weights.sum((2, 3))[..., None] + 1.0)
+        return logits, objectness + (region * self.region_objectness).sum(-1)
+
+
 class DensePromptPredictor(nn.Module):
     """A lean PPN for few labels: a dilated-convolution head on the frozen embedding predicts every class's mask
     prompt in one pass; the box is read off it, and a pooled head gives the objectness (from the trunk's features over
@@ -169,6 +211,12 @@ class DensePromptPredictor(nn.Module):
     decoder pass (the cheap step), and its prompts are what a box-prompted SAM expects: a box and a mask prompt.
     Only the coarsest feature level is read (SAM2's high-resolution levels serve the decoder).
 
+    With several ``trunks`` it is an ensemble over one set of prototypes and one bank: in training each row goes
+    through the trunk its ``member`` index names (each trunk learns from its own augmentation of the frames,
+    :class:`~sam2rad_monai.engine.cache.CachedFeatureDataset`), at evaluation the trunks' mask logits and
+    objectness are averaged (Lakshminarayanan et al. 2017: members that differ in what they were trained on err
+    apart, and their mean errs less).
+
     Args:
         num_classes: foreground classes.
         level_channels: channels of the feature levels, coarse first (only the first is used).
@@ -180,6 +228,9 @@ class DensePromptPredictor(nn.Module):
         bank_size: most bank pixels kept per class and for the background (a seeded random subset).
         mirror: at evaluation, average with the prediction on the left-right mirrored embedding (nnU-Net's test-time
             mirroring; training sees such mirrored embeddings through ``feature_flip_prob``).
+        trunks: ensemble members (:class:`DenseTrunk`), 1 for a single network.
+        self_support: weight of :meth:`self_support_term`, added to each trunk's logits at evaluation (stored in
+            the model file as the buffer ``self_support``; model files without it load with 0, no term).
 
     The buffer ``presence_offset`` (C,) is subtracted from the objectness logits at evaluation: a presence threshold
     per class chosen on held-out frames (:mod:`sam2rad_monai.engine.presence`), zero until calibrated, so every
@@ -193,39 +244,28 @@ class DensePromptPredictor(nn.Module):
 
     def __init__(self, num_classes: int, level_channels: tuple[int, ...] = (256,), mask_prompt_size: int = 256,
                  channels: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16), dropout: float = 0.1,
-                 neighbours: int = 20, bank_size: int = 2048, mirror: bool = True) -> None:
+                 neighbours: int = 20, bank_size: int = 2048, mirror: bool = True, trunks: int = 1,
+                 self_support: float = 0.0) -> None:
         super().__init__()
+        if trunks < 1:
+            raise ValueError(f"trunks must be at least 1, got {trunks}")
         self.num_classes = num_classes
         self.mirror = mirror
         self.neighbours = neighbours
         self.bank_size = bank_size
         self.mask_prompt_size = mask_prompt_size
         embed = level_channels[0]
-        self.norm = LayerNorm2d(embed)
         self.register_buffer("prototypes", torch.zeros(num_classes + 1, embed))
         if neighbours:  # pixel embeddings (unit norm), their class (0 = background) and training image
             self.register_buffer("bank", torch.zeros(0, embed))
             self.register_buffer("bank_class", torch.zeros(0, dtype=torch.long))
             self.register_buffer("bank_source", torch.zeros(0, dtype=torch.long))
         similarities = (num_classes + 1) * (2 if neighbours else 1)
-        self.stem = nn.Sequential(nn.Conv2d(embed + similarities + 2, channels, 1), nn.GroupNorm(8, channels),
-                                  nn.GELU())
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=d, dilation=d), nn.GroupNorm(8, channels),
-                          nn.GELU(), nn.Dropout2d(dropout))
-            for d in dilations
-        )
-        self.head = nn.Conv2d(channels, num_classes, 1)
-        # RetinaNet's prior (Lin et al. 2017): start every pixel at foreground probability 0.01, so the focal loss
-        # is not swamped by the background at the first steps (without it, training depended on the init seed)
-        nn.init.constant_(self.head.bias, -math.log(99.0))
-        self.objectness_head = nn.Linear(2 * channels, num_classes)
-        # the objectness also reads the trunk's features averaged under each class's own mask (masked average
-        # pooling), so a presence call can rest on the candidate region itself; zero-initialised, so it starts as
-        # (and older model files load as) the whole-grid head alone
-        self.region_objectness = nn.Parameter(torch.zeros(num_classes, channels))
+        self.trunks = nn.ModuleList(DenseTrunk(embed, similarities + 2, num_classes, channels, dilations, dropout)
+                                    for _ in range(trunks))
         self.register_buffer("presence_offset", torch.zeros(num_classes))
         self.register_buffer("presence_min_region", torch.zeros(num_classes))
+        self.register_buffer("self_support", torch.tensor(float(self_support)))
 
     @torch.no_grad()
     def set_prototypes(self, batches: Iterable[tuple[Tensor, Tensor]]) -> None:
@@ -280,8 +320,8 @@ class DensePromptPredictor(nn.Module):
                 out[b, k] = top.reshape(h, w)
         return out
 
-    def inputs(self, embed: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """The trunk's input (B, D + (C + 1) x 2 + 2, h, w): normalised embedding, prototype and neighbour
+    def similarities(self, embed: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """The trunks' inputs besides the embedding (B, (C + 1) x 2 + 2, h, w): prototype and neighbour
         similarities (``neighbours``, computed here when not given; none when ``neighbours`` is 0), coordinates."""
         batch, _, h, w = embed.shape
         unit = F.normalize(embed, dim=1)
@@ -294,22 +334,75 @@ class DensePromptPredictor(nn.Module):
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=embed.device),
                                 torch.linspace(-1, 1, w, device=embed.device), indexing="ij")
         coords = torch.stack([xs, ys]).to(embed.dtype).expand(batch, -1, -1, -1)
-        return torch.cat([self.norm(embed), similarity.to(embed.dtype), coords], dim=1)
+        return torch.cat([similarity.to(embed.dtype), coords], dim=1)
 
-    def _predict(self, embed: Tensor, neighbours: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Mask-prompt logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w)."""
-        x = self.stem(self.inputs(embed, neighbours))
-        for block in self.blocks:
-            x = x + block(x)
-        logits = self.head(x)
-        objectness = self.objectness_head(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1))
-        weights = logits.detach().sigmoid()  # the presence term reads the mask but does not train it
-        region = torch.einsum("bkhw,bdhw->bkd", weights, x) / (weights.sum((2, 3))[..., None] + 1.0)
-        return logits, objectness + (region * self.region_objectness).sum(-1)
+    def inputs(self, embed: Tensor, neighbours: Tensor | None = None, trunk: int = 0) -> Tensor:
+        """A trunk's whole input (B, D + (C + 1) x 2 + 2, h, w): its normalised embedding, then
+        :meth:`similarities`."""
+        return torch.cat([self.trunks[trunk].norm(embed), self.similarities(embed, neighbours)], dim=1)
+
+    def _predict(self, embed: Tensor, extra: Tensor, trunk: int = 0) -> tuple[Tensor, Tensor]:
+        """One trunk's mask-prompt logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w) and
+        their :meth:`similarities` ``extra``; at evaluation with the :meth:`self_support_term`."""
+        logits, objectness = self.trunks[trunk](embed, extra)
+        if not self.training:  # training rows fit their own frame, so their own-frame term would be too clean
+            logits = logits + self.self_support_term(embed, logits)
+        return logits, objectness
+
+    def self_support_term(self, embed: Tensor, logits: Tensor) -> Tensor:
+        """Self-support matching (Fan et al., ECCV 2022), training-free: ``self_support`` x (cosine similarity of
+        each pixel to the frame's own prototype of the class minus that to its own background prototype), (B, C, h,
+        w) for embeddings (B, D, h, w) and logits (B, C, h, w); the prototypes are the mean unit-norm embedding where
+        ``logits > 0`` (background: no class), and a class with no such pixel gets no term. A structure looks more
+        like the rest of itself in the same frame than like the few labelled frames, so a partly found structure
+        grows over its own extent and the pixels that look like this frame's background recede."""
+        unit = F.normalize(embed.float(), dim=1)
+        found = (logits > 0).to(unit.dtype)
+        background = (found.sum(1, keepdim=True) == 0).to(unit.dtype)
+
+        def similarity(masks: Tensor) -> Tensor:  # (B, K, h, w) masks -> cosine to their prototypes (B, K, h, w)
+            prototypes = torch.einsum("bkhw,bdhw->bkd", masks, unit) / (masks.sum((2, 3))[..., None] + 1e-6)
+            return torch.einsum("bdhw,bkd->bkhw", unit, F.normalize(prototypes, dim=-1))
+
+        any_found = (found.sum((2, 3)) > 0).to(unit.dtype)[..., None, None]
+        term = self.self_support * any_found * (similarity(found) - similarity(background))
+        return term.to(logits.dtype)
+
+    def _route(self, embed: Tensor, extra: Tensor, member: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Training: each row (B,) through the trunk its ``member`` index names."""
+        if len(self.trunks) == 1 and (member is None or not member.any()):
+            return self._predict(embed, extra)
+        if member is None or int(member.max()) >= len(self.trunks) or int(member.min()) < 0:
+            raise ValueError(f"a dense PPN of {len(self.trunks)} trunks trains on rows that name their trunk "
+                             f"(a member index in 0..{len(self.trunks) - 1}, CachedFeatureDataset member_caches), "
+                             f"got {None if member is None else sorted(set(member.tolist()))}")
+        logits = embed.new_zeros(embed.shape[0], self.num_classes, *embed.shape[-2:])
+        objectness = embed.new_zeros(embed.shape[0], self.num_classes)
+        for trunk in range(len(self.trunks)):
+            rows = (member == trunk).nonzero().flatten()
+            if rows.numel():
+                row_logits, row_objectness = self._predict(embed[rows], extra[rows], trunk)
+                logits = logits.index_put((rows,), row_logits)
+                objectness = objectness.index_put((rows,), row_objectness)
+        return logits, objectness
+
+    def _evaluate(self, embed: Tensor, extra: Tensor, trunk: int) -> tuple[Tensor, Tensor]:
+        """Evaluation: one trunk's mask logits (R, 1, h, w) and objectness (R,), mirror-averaged when ``mirror`` (the
+        batch then holds the embeddings and their mirror images), presence offset and peak rule applied."""
+        logits, objectness = self._predict(embed, extra, trunk)
+        if self.mirror:
+            plain, mirrored = logits.chunk(2)
+            logits, objectness = (plain + mirrored.flip(-1)) / 2, objectness.reshape(2, -1, self.num_classes).mean(0)
+        objectness = objectness - self.presence_offset
+        logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
+        # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))
+        peak = logits.flatten(1).amax(1)
+        lift = torch.where(objectness > 0, (PEAK_MARGIN - peak).clamp(min=0.0), 0.0)
+        return logits + lift.reshape(-1, 1, 1, 1), objectness
 
     def forward(self, levels: list[Tensor], level_pe: list[Tensor] | None = None,
-                dense_init: Tensor | None = None, region_box: bool = True, neighbours: Tensor | None = None
-                ) -> PPNOutput:
+                dense_init: Tensor | None = None, region_box: bool = True, neighbours: Tensor | None = None,
+                member: Tensor | None = None) -> PPNOutput:
         """Predict prompts for every (image, class) row (same contract as :class:`PromptPredictor`).
 
         Args:
@@ -318,6 +411,7 @@ class DensePromptPredictor(nn.Module):
             region_box: ``False`` leaves ``boxes`` and ``box_fit`` to the caller (``None``), as for the other PPN.
             neighbours: (B, C + 1, h, w) precomputed :meth:`neighbour_similarity` maps (training rows, with their own
                 frame left out); computed here when ``None``.
+            member: (B,) the trunk of each training row (needed with several trunks; unused at evaluation).
 
         Returns:
             :class:`PPNOutput` with B x num_classes rows, no free tokens (``tokens`` is (R, 0, 256)).
@@ -326,22 +420,17 @@ class DensePromptPredictor(nn.Module):
         if neighbours is None and self.neighbours:
             with torch.no_grad():
                 neighbours = self.neighbour_similarity(F.normalize(embed, dim=1))
-        if not self.training and self.mirror:  # one trunk pass over the embedding and its mirror image
-            # the neighbour maps are per pixel, so the mirror's maps are the maps mirrored
-            maps = torch.cat([neighbours, neighbours.flip(-1)]) if neighbours is not None else None
-            logits, objectness = self._predict(torch.cat([embed, embed.flip(-1)]), maps)
-            plain, mirrored = logits.chunk(2)
-            logits, objectness = (plain + mirrored.flip(-1)) / 2, objectness.reshape(2, -1, self.num_classes).mean(0)
+        if self.training:
+            logits, objectness = self._route(embed, self.similarities(embed, neighbours), member)
+            logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major
         else:
-            logits, objectness = self._predict(embed, neighbours)
-        if not self.training:
-            objectness = objectness - self.presence_offset
-        logits, objectness = logits.flatten(0, 1)[:, None], objectness.flatten()  # (R, 1, h, w), image-major rows
-        if not self.training:
-            # a class called present keeps every pixel within PEAK_MARGIN of its peak (threshold min(0, peak - margin))
-            peak = logits.flatten(1).amax(1)
-            lift = torch.where(objectness > 0, (PEAK_MARGIN - peak).clamp(min=0.0), 0.0)
-            logits = logits + lift.reshape(-1, 1, 1, 1)
+            if self.mirror:  # one pass per trunk over the embedding and its mirror image
+                # the neighbour maps are per pixel, so the mirror's maps are the maps mirrored
+                neighbours = torch.cat([neighbours, neighbours.flip(-1)]) if neighbours is not None else None
+                embed = torch.cat([embed, embed.flip(-1)])
+            extra = self.similarities(embed, neighbours)
+            logits, objectness = (torch.stack(parts).mean(0) for parts in zip(
+                *(self._evaluate(embed, extra, trunk) for trunk in range(len(self.trunks)))))
         mask_prompts = F.interpolate(logits, size=(self.mask_prompt_size,) * 2, mode="bilinear", align_corners=False)
         boxes = box_fit = None
         if region_box:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -111,6 +112,10 @@ def test_single_class_dataset_trains_with_the_few_shot_recipe_and_evaluates(tmp_
                      "--output_dir", str(out_dir), "--cache_dir", str(tmp_path / "cache"))
     assert "dense PPN prototypes set from 3 training images" in log
     model = out_dir / "models" / "model.pt"
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    # the recipe's two ensemble members, with the self-support term at evaluation
+    assert {k.split(".")[2] for k in state if k.startswith("ppn.trunks.")} == {"0", "1"}
+    assert float(state["ppn.self_support"]) > 0
     bundle_run("--config_file", "configs/evaluate.json", "--model_path", str(model), "--dataset_dir", str(data),
                "--class_names", names, "--split", "val", "--output_dir", str(tmp_path / "eval"))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -113,3 +113,28 @@ def test_corrupt_entry_is_rebuilt(backbone, items, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     entry = cache.load(items[0], 0)
     assert entry["features"]["embed"].shape == (256, 64, 64)
+
+
+def test_ensemble_members_read_their_own_views_and_share_view_0(backbone, items, tmp_path, monkeypatch):
+    counter = CountingEncoder(backbone)
+    monkeypatch.setattr(backbone, "encode", counter)
+    cache = FeatureCache(tmp_path / "cache", backbone, num_classes=2, seed=0)
+    geometry = cache.variants([(15.0, False)])
+    assert len(geometry) == 1 and geometry[0].signature != cache.signature
+    with pytest.raises(ValueError, match="rotate_degrees, vertical_flip"):
+        cache.variants([(15.0, "false")])  # what a command line's lower-case false becomes
+    assert geometry[0].signature == FeatureCache(tmp_path / "cache", backbone, 2, rotate_degrees=15.0,
+                                                 vertical_flip=False).signature
+    dataset = CachedFeatureDataset(items, cache, num_views=2, member_caches=geometry)
+    assert dataset.views() == [(0, 0), (0, 1), (1, 1)]
+    assert dataset.prepare() == 6 and counter.calls == 6  # 2 images x (view 0, member 0's view 1, member 1's view 1)
+    assert not geometry[0].path(items[0], 0).exists(), "member 1's view 0 is member 0's"
+    assert torch.equal(dataset.load(items[0], 1, 0)["features"]["embed"], cache.load(items[0], 0)["features"]["embed"])
+    assert not torch.equal(dataset.load(items[1], 1, 1)["label"], dataset.load(items[1], 0, 1)["label"])
+    dataset.view_maps = {(i, m, v): torch.full((3, 64, 64), float(10 * m + v)) for i in range(2) for m, v in
+                         dataset.views()}  # what SetPrototypes computes for each served (member, view)
+    torch.manual_seed(0)
+    samples = [dataset[i % 2]["features"] for i in range(24)]
+    assert {int(f["member"]) for f in samples} == {0, 1} and counter.calls == 6
+    assert {float(f["neighbours"][0, 0, 0]) for f in samples} == {0.0, 1.0, 11.0}, "every served view has its maps"
+    assert "member" not in CachedFeatureDataset(items, cache, num_views=2)[0]["features"], "one member: no index"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from sam2rad_monai.backbones import build_backbone
+from sam2rad_monai.engine.handlers import InitialWeights
 from sam2rad_monai.losses import Sam2RadLoss
 from sam2rad_monai.model import Mode, Prompts, Sam2Rad
 from sam2rad_monai.ppn import PEAK_MARGIN, DensePromptPredictor
@@ -15,6 +16,11 @@ def _model(lora_rank: int = 0) -> Sam2Rad:
     torch.manual_seed(0)
     backbone = build_backbone("sam", "vit_b", image_size=64, pretrained=False)
     return Sam2Rad(backbone, num_classes=2, ppn="dense", lora_rank=lora_rank)
+
+
+def _legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A one-trunk model file in the layout before bundle 0.12 (the trunk's tensors at the PPN's top level)."""
+    return {f"ppn.{k[len('ppn.trunks.0.'):]}" if k.startswith("ppn.trunks.0.") else k: v for k, v in state.items()}
 
 
 def _targets(size: int = 64) -> dict[str, torch.Tensor]:
@@ -67,9 +73,9 @@ def test_autonomous_output_is_the_mask_prompt_and_a_present_class_keeps_its_peak
     model = _model().eval()
     model.ppn.mirror = False  # the peak rule alone (mirroring has its own test)
     with torch.no_grad():
-        model.ppn.head.weight.zero_()  # a flat map, so upsampling keeps its peak
-        model.ppn.head.bias.fill_(-20.0)  # every pixel far below 0
-        model.ppn.objectness_head.bias.copy_(torch.tensor([5.0, -5.0]))  # class 1 present, class 2 absent
+        model.ppn.trunks[0].head.weight.zero_()  # a flat map, so upsampling keeps its peak
+        model.ppn.trunks[0].head.bias.fill_(-20.0)  # every pixel far below 0
+        model.ppn.trunks[0].objectness_head.bias.copy_(torch.tensor([5.0, -5.0]))  # class 1 present, class 2 absent
         features = model.encode(torch.randn(1, 3, 64, 64))
         out = model(features)
     assert torch.equal(out["logits"], out["mask_prompts"])
@@ -183,21 +189,105 @@ def test_objectness_reads_the_class_mask_without_training_it_and_older_files_loa
     embed = torch.randn(2, 8, 8, 8)
     ppn.set_prototypes([(embed, torch.ones(2, 2, 16, 16))])
     ppn.eval()  # no dropout, so the two passes are comparable
-    plain_logits, plain = ppn._predict(embed)
+    trunk = ppn.trunks[0]
+    extra = ppn.similarities(embed)
+    plain_logits, plain = ppn._predict(embed, extra)
     with torch.no_grad():
-        ppn.region_objectness.fill_(0.5)
-    logits, objectness = ppn._predict(embed)
+        trunk.region_objectness.fill_(0.5)
+    logits, objectness = ppn._predict(embed, extra)
     assert torch.equal(logits, plain_logits) and not torch.allclose(objectness, plain)
     ppn.zero_grad()
     objectness.sum().backward()
-    assert ppn.region_objectness.grad.abs().sum() > 0
-    assert ppn.head.weight.grad is None or ppn.head.weight.grad.abs().sum() == 0  # the mask is read, not trained
+    assert trunk.region_objectness.grad.abs().sum() > 0
+    assert trunk.head.weight.grad is None or trunk.head.weight.grad.abs().sum() == 0  # the mask is read, not trained
     model = _model()
     with torch.no_grad():
-        model.ppn.region_objectness.fill_(1.0)
-    older = {k: v for k, v in model.ppn_state_dict().items() if k != "ppn.region_objectness"}
+        model.ppn.trunks[0].region_objectness.fill_(1.0)
+    older = {k: v for k, v in _legacy(model.ppn_state_dict()).items() if k != "ppn.region_objectness"}
     fresh = _model()
     with torch.no_grad():
-        fresh.ppn.region_objectness.fill_(3.0)
+        fresh.ppn.trunks[0].region_objectness.fill_(3.0)
     fresh.load_ppn_state_dict(older)
-    assert fresh.ppn.region_objectness.abs().sum() == 0
+    assert fresh.ppn.trunks[0].region_objectness.abs().sum() == 0
+
+
+def test_self_support_grows_a_partly_found_structure_at_evaluation_only_and_older_files_load_without_it():
+    ppn = DensePromptPredictor(num_classes=1, level_channels=(4,), mask_prompt_size=16, dropout=0.0, neighbours=0,
+                               mirror=False, self_support=20.0)
+    embed = torch.zeros(1, 4, 8, 8)
+    embed[0, 0] = 1.0  # the background's look
+    embed[0, :, 2:6, 2:6] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None, None]  # a 4 x 4 structure's look
+    logits = torch.full((1, 1, 8, 8), -1.0)
+    logits[0, 0, 2:4, 2:4] = 1.0  # a quarter of the structure found
+    grown = logits + ppn.self_support_term(embed, logits)
+    structure = torch.zeros(8, 8, dtype=torch.bool)
+    structure[2:6, 2:6] = True
+    assert torch.equal(grown[0, 0] > 0, structure), "the whole structure and nothing else"
+    assert (ppn.self_support_term(embed, torch.full_like(logits, -1.0)) == 0).all(), "nothing found, no term"
+    ppn.set_prototypes([(embed, structure[None, None].float())])
+    trained, _ = ppn._predict(embed, ppn.similarities(embed))
+    ppn.eval()
+    evaluated, _ = ppn._predict(embed, ppn.similarities(embed))
+    assert torch.allclose(evaluated, trained + ppn.self_support_term(embed, trained))
+    torch.manual_seed(0)
+    backbone = build_backbone("sam", "vit_b", image_size=64, pretrained=False)
+    model = Sam2Rad(backbone, num_classes=2, ppn="dense", self_support=20.0)
+    assert float(model.ppn_state_dict()["ppn.self_support"]) == 20.0
+    older = {k: v for k, v in _legacy(model.ppn_state_dict()).items() if k != "ppn.self_support"}
+    fresh = Sam2Rad(backbone, num_classes=2, ppn="dense", self_support=20.0)
+    fresh.load_ppn_state_dict(older)
+    assert float(fresh.ppn.self_support) == 0.0, "a model file from before the term keeps its outputs"
+
+
+def test_an_ensemble_trains_each_trunk_on_its_own_rows_and_averages_them_at_evaluation():
+    torch.manual_seed(0)
+    ppn = DensePromptPredictor(num_classes=2, level_channels=(8,), mask_prompt_size=16, neighbours=1, trunks=2)
+    embed = torch.randn(3, 8, 4, 4)
+    ppn.set_prototypes([(embed, _targets(16)["masks"][[0, 1, 0]])])
+    ppn.train()
+    out = ppn([embed], member=torch.tensor([1, 1, 1]))
+    (out.mask_prompts.sum() + out.objectness.sum()).backward()
+    assert all(p.grad is None for p in ppn.trunks[0].parameters()), "trunk 0 has no row here"
+    assert ppn.trunks[1].head.weight.grad.abs().sum() > 0
+    for bad in (None, torch.tensor([0, 2, 0])):
+        try:
+            ppn([embed], member=bad)
+        except ValueError as err:
+            assert "2 trunks" in str(err)
+        else:
+            raise AssertionError(f"rows must name one of the 2 trunks, got {bad}")
+    ppn.eval()
+    with torch.no_grad():
+        both = ppn([embed])
+        alone = []
+        for keep in (0, 1):  # each trunk as a one-trunk PPN with the same prototypes and bank
+            single = DensePromptPredictor(num_classes=2, level_channels=(8,), mask_prompt_size=16, neighbours=1)
+            single.bank, single.bank_class, single.bank_source = ppn.bank, ppn.bank_class, ppn.bank_source
+            single.load_state_dict({k.replace(f"trunks.{keep}.", "trunks.0."): v for k, v in ppn.state_dict().items()
+                                    if not k.startswith(f"trunks.{1 - keep}.")})
+            alone.append(single.eval()([embed]))
+    assert torch.allclose(both.mask_prompts, (alone[0].mask_prompts + alone[1].mask_prompts) / 2, atol=1e-6)
+    assert torch.allclose(both.objectness, (alone[0].objectness + alone[1].objectness) / 2, atol=1e-6)
+
+
+def test_a_model_file_carries_its_trunks_and_older_dense_files_load_into_one(tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("sam", "vit_b", image_size=64, pretrained=False)
+    features = Sam2Rad(backbone, num_classes=2).encode(torch.randn(1, 3, 64, 64))
+    ensemble = Sam2Rad(backbone, num_classes=2, ppn="dense", trunks=2).eval()
+    other = Sam2Rad(backbone, num_classes=2).eval()  # built with the default attention PPN and one trunk
+    other.load_ppn_state_dict(ensemble.ppn_state_dict())
+    assert len(other.ppn.trunks) == 2
+    with torch.no_grad():
+        assert torch.equal(other(features)["logits"], ensemble(features)["logits"])
+    single = _model().eval()
+    older = _legacy(single.ppn_state_dict())
+    assert "ppn.stem.0.weight" in older and not any(".trunks." in k for k in older)
+    other.load_ppn_state_dict(older)
+    assert len(other.ppn.trunks) == 1
+    with torch.no_grad():
+        assert torch.equal(other(features)["logits"], single(features)["logits"])
+    torch.save(older, tmp_path / "older.pt")  # a warm start from it fills the first trunk and names the rest
+    skipped = InitialWeights(tmp_path / "older.pt", ensemble).load()
+    assert torch.equal(ensemble.ppn.trunks[0].stem[0].weight, single.ppn.trunks[0].stem[0].weight)
+    assert skipped and all(k.startswith("ppn.trunks.1.") for k in skipped if k.startswith("ppn.trunks."))

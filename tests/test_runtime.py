@@ -69,12 +69,16 @@ def test_exported_runtime_gives_pytorch_label_maps(exported, runtime):
 
 
 def test_a_dense_ppn_with_its_neighbour_bank_exports_to_the_same_label_maps(exported, tmp_path):
-    """The few-shot PPN (its neighbour search over the labelled frames' bank inside the graph) on ONNX Runtime."""
+    """The few-shot PPN (two trunks, the self-support term and the neighbour search over the labelled frames' bank,
+    all inside the graph) on ONNX Runtime."""
     from sam2rad_monai.model import Sam2Rad
 
     backbone = exported[1].model.backbone
     torch.manual_seed(0)
-    model = Sam2Rad(backbone, num_classes=2, ppn="dense").eval()
+    model = Sam2Rad(backbone, num_classes=2, ppn="dense", trunks=2, self_support=20.0).eval()
+    with torch.no_grad():  # logits of both signs before the peak rule, so the self-support term acts
+        for trunk in model.ppn.trunks:
+            trunk.head.bias.zero_()
     labelled = sorted((SAMPLE / "masks").glob("*.png"))[:4]
     predictor = Sam2RadPredictor(model)
     features, sizes = predictor.encode(_frames(4))
@@ -122,7 +126,7 @@ def test_stale_export_is_refused_or_rebuilt(exported, tmp_path):
     ExportedRuntime.load(model, model_path)  # a current export (the first test may have written it)
     # another PPN in the same file: the export no longer belongs to it
     state = read_state_dict(model_path)
-    bias = next(k for k in state if k.startswith("ppn.objectness_head.") and k.endswith(".bias"))  # any PPN kind
+    bias = next(k for k in state if "objectness_head." in k and k.endswith(".bias"))  # any PPN kind
     state[bias] = state[bias] + 5.0
     changed = tmp_path / "model.pt"
     torch.save(state, changed)

@@ -50,6 +50,7 @@ class FeatureCache:
     def __init__(self, cache_dir: str | Path, backbone: Backbone, num_classes: int, seed: int = 0,
                  aug_prob: float = 0.5, batch_size: int | None = None, rotate_degrees: float = 90.0,
                  vertical_flip: bool = True, encoder: Callable[[torch.Tensor], Features] | None = None) -> None:
+        self.cache_dir = cache_dir
         self.backbone = backbone
         self.encoder = encoder or backbone.encode
         self.num_classes = num_classes
@@ -69,6 +70,18 @@ class FeatureCache:
         self.signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(cache_dir) / f"{backbone.name}-{backbone.variant}-{backbone.image_size}"
         self._content: dict[str, str] = {}
+
+    def variants(self, augmentations: Sequence[tuple[float, bool]]) -> list[FeatureCache]:
+        """Caches with these settings but each (rotate_degrees, vertical_flip) augmentation of ``augmentations``
+        instead: the views of an ensemble's further members (:class:`CachedFeatureDataset` ``member_caches``)."""
+        for pair in augmentations:  # a command line's "false" would otherwise read as a true string
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[1], bool)
+                    and isinstance(pair[0], (int, float)) and not isinstance(pair[0], bool)):
+                raise ValueError(f"an augmentation is a (rotate_degrees, vertical_flip) pair such as [15.0, False], "
+                                 f"got {pair!r} in {augmentations!r}")
+        return [FeatureCache(self.cache_dir, self.backbone, self.num_classes, self.seed, self.aug_prob,
+                             self.batch_size, float(degrees), bool(flip), self.encoder)
+                for degrees, flip in augmentations]
 
     # -- keys -------------------------------------------------------------------------------------------------
     def content_digest(self, item: dict[str, Any]) -> str:
@@ -144,8 +157,11 @@ class CachedFeatureDataset(Dataset):
     """Training samples read from a :class:`FeatureCache`: each access picks one of the image's cached views.
 
     Items are ``{"features": {name: fp16 tensor}, "masks": (C, S, S), "boxes": (C, 4), "present": (C,), "id"}``.
-    Per-view maps set in :attr:`view_maps` (``{(index, view): (K, h, w)}``, a dense PPN's neighbour similarities,
-    which depend on the training set and not on the image alone) join the features under ``"neighbours"``.
+    Per-view maps set in :attr:`view_maps` (``{(index, member, view): (K, h, w)}``, a dense PPN's neighbour
+    similarities, which depend on the training set and not on the image alone) join the features under
+    ``"neighbours"``. With ``member_caches``, each access first draws an ensemble member (0 reads ``cache``, m > 0
+    ``member_caches[m - 1]``), whose index joins the features under ``"member"``: a dense PPN's trunk m then trains
+    on views of its own augmentation (:class:`~sam2rad_monai.ppn.DensePromptPredictor`).
 
     Args:
         data: MONAI datalist entries ``{"image", "label", "id"}``.
@@ -156,26 +172,37 @@ class CachedFeatureDataset(Dataset):
             together): a second view for free, where another cached view costs an encoder pass. SAM encoders are
             not exactly mirror-equivariant, so this is an augmentation of the features, not a copy of an encoded
             flip.
+        member_caches: caches of the further ensemble members' views (their own augmentation settings, the same
+            backbone, classes and seed); view 0, the un-augmented image, is read from ``cache`` for every member.
     """
 
     def __init__(self, data: Sequence[dict[str, Any]], cache: FeatureCache, num_views: int = 4,
-                 random_view: bool = True, flip_prob: float = 0.0) -> None:
+                 random_view: bool = True, flip_prob: float = 0.0, member_caches: Sequence[FeatureCache] = ()
+                 ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be at least 1, got {num_views}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.data = list(data)
         self.cache = cache
+        self.caches = [cache, *member_caches] if random_view else [cache]
         self.num_views = num_views
         self.random_view = random_view
         self.flip_prob = flip_prob if random_view else 0.0
-        self.view_maps: dict[tuple[int, int], torch.Tensor] = {}
+        self.view_maps: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def views(self) -> list[int]:
-        return list(range(self.num_views)) if self.random_view else [0]
+    def views(self) -> list[tuple[int, int]]:
+        """The (member, view) pairs served; a further member's view 0 is member 0's."""
+        if not self.random_view:
+            return [(0, 0)]
+        return [(m, v) for m in range(len(self.caches)) for v in range(self.num_views) if v or not m]
+
+    def load(self, item: dict[str, Any], member: int, view: int) -> dict[str, Any]:
+        """The cache entry of one (member, view) of an item."""
+        return self.caches[member if view else 0].load(item, view)
 
     def prepare(self) -> int:
         """Fill the cache for every (image, view) before training; under torch.distributed each rank fills its share.
@@ -183,11 +210,13 @@ class CachedFeatureDataset(Dataset):
         Returns the number of entries this process encoded.
         """
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        pairs = [(item, v) for item in self.data for v in self.views()][rank::world]
+        pairs = [(item, m, v) for item in self.data for m, v in self.views()][rank::world]
         from tqdm import tqdm
 
+        done = 0
         with tqdm(total=len(pairs), desc="feature cache", unit="view", disable=rank > 0) as bar:
-            done = self.cache.fill(pairs, progress=bar.update)
+            for member, cache in enumerate(self.caches):
+                done += cache.fill([(item, v) for item, m, v in pairs if m == member], progress=bar.update)
         if dist.is_initialized():
             dist.barrier()
         logger.info("feature cache %s: %d of %d views encoded now", self.cache.root, done, len(pairs))
@@ -195,13 +224,17 @@ class CachedFeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.data[index]
+        member = int(torch.randint(len(self.caches), ()).item()) if len(self.caches) > 1 else 0
         view = int(torch.randint(self.num_views, ()).item()) if self.random_view else 0
-        entry = self.cache.load(item, view)
+        entry = self.load(item, member, view)
         label = entry["label"]
         masks = torch.stack([label == k for k in range(1, self.cache.num_classes + 1)]).float()
         features, boxes = entry["features"], entry["boxes"]
-        if (index, view) in self.view_maps:
-            features = {**features, "neighbours": self.view_maps[(index, view)]}
+        key = (index, member if view else 0, view)  # every member's view 0 is member 0's
+        if key in self.view_maps:
+            features = {**features, "neighbours": self.view_maps[key]}
+        if len(self.caches) > 1:
+            features = {**features, "member": torch.tensor(member)}
         if self.flip_prob and torch.rand(()) < self.flip_prob:
             features = {k: v.flip(-1) for k, v in features.items()}
             masks = masks.flip(-1)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..backbones import read_state_dict
 from ..io.atomic import atomic_write_path
-from ..model import Sam2Rad
+from ..model import Sam2Rad, current_layout
 
 logger = logging.getLogger(__name__)
 TARGET_KEYS = ("masks", "boxes", "present")
@@ -96,7 +96,8 @@ class InitialWeights:
         """Load the matching tensors; return the names of those that were not loaded."""
         if not self.path.is_file():
             raise FileNotFoundError(f"initial model {self.path}: no such file")
-        state = read_state_dict(self.path)  # weights_only; also takes a last.pt, whose weights sit under "model"
+        # weights_only; also takes a last.pt, whose weights sit under "model"; older files' names are brought up to date
+        state = current_layout(read_state_dict(self.path))
         model = unwrap(self.network)
         own = model.ppn_state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -223,10 +224,10 @@ class SetPrototypes:
         device = ppn.prototypes.device
         with torch.no_grad():
             for index, item in enumerate(self.dataset.data):
-                for view in self.dataset.views():
-                    embed = cache.load(item, view)["features"]["embed"][None].to(device).float()
+                for member, view in self.dataset.views():
+                    embed = self.dataset.load(item, member, view)["features"]["embed"][None].to(device).float()
                     maps = ppn.neighbour_similarity(F.normalize(embed, dim=1), torch.tensor([index], device=device))
-                    self.dataset.view_maps[(index, view)] = maps[0].to(torch.float16).cpu()
+                    self.dataset.view_maps[(index, member, view)] = maps[0].to(torch.float16).cpu()
         logger.info("dense PPN neighbour maps set for %d cached views", len(self.dataset.view_maps))
 
 

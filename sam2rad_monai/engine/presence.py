@@ -163,7 +163,7 @@ def write_presence_rule(model_path: str | Path, thresholds: Sequence[float],
     state = read_state_dict(model_path)
     if "ppn.prototypes" not in state:
         raise ValueError(f"{model_path}: presence calibration applies to a dense PPN model file only")
-    classes = state["ppn.objectness_head.bias"].shape[0]
+    classes = state["ppn.prototypes"].shape[0] - 1  # the background's prototype comes first
     for name, values in (("thresholds", thresholds), ("minimum regions", min_regions)):
         if values is not None and len(values) != classes:
             raise ValueError(f"{len(values)} {name} for a model file of {classes} classes ({model_path})")
