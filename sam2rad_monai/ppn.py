@@ -336,11 +336,6 @@ class DensePromptPredictor(nn.Module):
         coords = torch.stack([xs, ys]).to(embed.dtype).expand(batch, -1, -1, -1)
         return torch.cat([similarity.to(embed.dtype), coords], dim=1)
 
-    def inputs(self, embed: Tensor, neighbours: Tensor | None = None, trunk: int = 0) -> Tensor:
-        """A trunk's whole input (B, D + (C + 1) x 2 + 2, h, w): its normalised embedding, then
-        :meth:`similarities`."""
-        return torch.cat([self.trunks[trunk].norm(embed), self.similarities(embed, neighbours)], dim=1)
-
     def _predict(self, embed: Tensor, extra: Tensor, trunk: int = 0) -> tuple[Tensor, Tensor]:
         """One trunk's mask-prompt logits (B, C, h, w) and objectness logits (B, C) of embeddings (B, D, h, w) and
         their :meth:`similarities` ``extra``; at evaluation with the :meth:`self_support_term`."""
@@ -370,11 +365,12 @@ class DensePromptPredictor(nn.Module):
 
     def _route(self, embed: Tensor, extra: Tensor, member: Tensor | None) -> tuple[Tensor, Tensor]:
         """Training: each row (B,) through the trunk its ``member`` index names."""
-        if len(self.trunks) == 1 and (member is None or not member.any()):
+        count = len(self.trunks)
+        if member is None and count == 1:
             return self._predict(embed, extra)
-        if member is None or int(member.max()) >= len(self.trunks) or int(member.min()) < 0:
-            raise ValueError(f"a dense PPN of {len(self.trunks)} trunks trains on rows that name their trunk "
-                             f"(a member index in 0..{len(self.trunks) - 1}, CachedFeatureDataset member_caches), "
+        if member is None or not 0 <= int(member.min()) <= int(member.max()) < count:
+            raise ValueError(f"a dense PPN of {count} trunks trains on rows that name their trunk (a member index "
+                             f"in 0..{count - 1}, CachedFeatureDataset member_caches), "
                              f"got {None if member is None else sorted(set(member.tolist()))}")
         logits = embed.new_zeros(embed.shape[0], self.num_classes, *embed.shape[-2:])
         objectness = embed.new_zeros(embed.shape[0], self.num_classes)

@@ -44,7 +44,7 @@ def test_prototypes_are_mean_unit_embeddings_under_each_mask():
     masks[:, 1, 8:, 8:] = 1
     ppn.set_prototypes([(embed, masks)])
     assert torch.allclose(ppn.prototypes, torch.eye(8)[:3], atol=1e-6)
-    sim = ppn.inputs(embed)[:, 8:11]  # similarity channels follow the embedding
+    sim = ppn.similarities(embed)[:, 0:3]  # prototype similarities come first
     assert torch.equal(sim.argmax(1)[0], torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]))
 
 
@@ -161,7 +161,7 @@ def test_neighbour_bank_matches_labelled_pixels_and_leaves_out_a_rows_own_frame(
     expected = (unit[0].flatten(1).T @ other).amax(1).reshape(4, 4)
     assert torch.allclose(held_out[0, 1], expected, atol=1e-6)
     assert (held_out[0, 2] == -1).all(), "class 2 is only in frame 0, so a frame-0 row matches none of it"
-    assert torch.equal(ppn.inputs(embed)[:, 11:14], own), "the neighbour maps follow the prototype similarities"
+    assert torch.equal(ppn.similarities(embed)[:, 3:6], own), "the neighbour maps follow the prototype similarities"
 
 
 def test_a_model_file_carries_its_neighbour_bank_and_older_dense_files_load():
