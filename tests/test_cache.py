@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from sam2rad_monai.backbones import LiteMedSAMBackbone
-from sam2rad_monai.engine.cache import CachedFeatureDataset, FeatureCache
+from sam2rad_monai.engine.cache import ULTRASOUND_GEOMETRY, CachedFeatureDataset, FeatureCache
 
 SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "data" / "usgra_sample"
 
@@ -119,7 +120,9 @@ def test_ensemble_members_read_their_own_views_and_share_view_0(backbone, items,
     counter = CountingEncoder(backbone)
     monkeypatch.setattr(backbone, "encode", counter)
     cache = FeatureCache(tmp_path / "cache", backbone, num_classes=2, seed=0)
-    geometry = cache.variants([(15.0, False)])
+    recipe = json.loads((SAMPLE.parents[1] / "configs" / "few_shot.json").read_text())["member_augmentations"]
+    assert recipe == [list(ULTRASOUND_GEOMETRY)], "the MONAI Label trainer's default is the few-shot recipe's"
+    geometry = cache.variants([ULTRASOUND_GEOMETRY])
     assert len(geometry) == 1 and geometry[0].signature != cache.signature
     with pytest.raises(ValueError, match="rotate_degrees, vertical_flip"):
         cache.variants([(15.0, "false")])  # what a command line's lower-case false becomes

@@ -26,6 +26,9 @@ from ..transforms import augment_view, augmentation_transforms, preprocessing_tr
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
+# the (rotate_degrees, vertical_flip) views of the few-shot recipe's second trunk (configs/few_shot.json): a scanner
+# never shows depth running upwards, and a probe tilts by a few degrees
+ULTRASOUND_GEOMETRY: tuple[float, bool] = (15.0, False)
 
 
 class FeatureCache:

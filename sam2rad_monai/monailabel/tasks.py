@@ -301,14 +301,17 @@ class Sam2RadInteractiveInfer(InferTask):
 class Sam2RadTrain(TrainTask):
     """Fine-tune the PPN on the datastore's final labels, warm-starting from the model file, and write it back.
 
-    Request options: ``max_epochs`` (default 10), ``learning_rate`` (1e-4), ``batch_size`` (4), ``cache_views`` (2).
-    Features go through the project's feature cache, so a second run over the same labels encodes nothing.
+    Request options: ``max_epochs`` (default 10), ``learning_rate`` (1e-4), ``batch_size`` (4), ``cache_views`` (2),
+    ``member_augmentations`` (a dense PPN's further trunks' (rotate_degrees, vertical_flip) views, one pair per trunk
+    after the first; default: the few-shot recipe's ultrasound geometry for each). Features go through the project's
+    feature cache, so a second run over the same labels encodes nothing.
     """
 
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__("Fine-tune the Sam2Rad prompt predictor on the saved labels")
         self.holder = holder
-        self._config = {"max_epochs": 10, "learning_rate": 1e-4, "batch_size": 4, "cache_views": 2}
+        self._config = {"max_epochs": 10, "learning_rate": 1e-4, "batch_size": 4, "cache_views": 2,
+                        "member_augmentations": None}
 
     def config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -317,7 +320,7 @@ class Sam2RadTrain(TrainTask):
         from monai.engines import SupervisedTrainer
         from torch.utils.data import DataLoader
 
-        from ..engine.cache import CachedFeatureDataset, FeatureCache
+        from ..engine.cache import ULTRASOUND_GEOMETRY, CachedFeatureDataset, FeatureCache
         from ..engine.handlers import SetPrototypes
         from ..engine.inferers import PromptMixInferer, prepare_training_batch
         from ..losses import Sam2RadLoss
@@ -329,7 +332,14 @@ class Sam2RadTrain(TrainTask):
         settings = self.holder.settings
         model = self.holder.predictor.model  # warm-started from the model file when there is one
         cache = FeatureCache(settings.cache_dir, model.backbone, model.num_classes)
-        dataset = CachedFeatureDataset(data, cache, int(options["cache_views"]))
+        further = max(len(getattr(model.ppn, "trunks", ())) - 1, 0)  # each row trains one trunk, on its own views
+        augmentations = options["member_augmentations"]
+        augmentations = [ULTRASOUND_GEOMETRY] * further if augmentations is None else augmentations
+        if len(augmentations) != further:
+            raise RequestError(f"member_augmentations gives {len(augmentations)} pairs for a model with {further} "
+                               f"further trunks ({settings.model_path.name})")
+        dataset = CachedFeatureDataset(data, cache, int(options["cache_views"]),
+                                       member_caches=cache.variants(augmentations))
         dataset.prepare()
         SetPrototypes(dataset, model)()  # a dense PPN matches against the labelled frames of this datastore
         loader = DataLoader(dataset, batch_size=int(options["batch_size"]), shuffle=True)
