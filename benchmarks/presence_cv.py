@@ -11,11 +11,10 @@ Steps (from ``bundle/``):
 2. train one model per fold with the bundle, the fold's datalist replacing the default one::
 
        uv run python -m monai.bundle run training --config_file "['configs/train.json','configs/few_shot.json']" \\
-           --dataset_dir <data> --num_train_images '$None' --cache_views 2 --max_steps 1000 --val_interval 250 \\
-           --member_augmentations '[]' --self_support 0.0 \\
-           --datalist "\\$__import__('json').load(open('<out>/fold0.json'))" --output_dir <out>/fold0
+           --dataset_dir <data> --num_train_images '$None' --cache_views 2 --max_steps 2000 --val_interval 250 \\
+           --self_support 0.0 --datalist "\\$__import__('json').load(open('<out>/fold0.json'))" --output_dir <out>/fold0
 
-   (the full-data recipe: one trunk, no self-support term; bundle 0.12's few-shot overlay turns both on).
+   (the full-data recipe since bundle 0.13: the few-shot overlay's two trunks, without its self-support term).
 
 3. ``--score``: score every fold model on its held-out fold (:func:`~sam2rad_monai.engine.presence.held_out_rows`),
    pool the rows, choose per-class thresholds (:func:`~sam2rad_monai.engine.presence.presence_thresholds`) and then
