@@ -113,7 +113,7 @@ def test_label_app_over_http(server):
     assert r.ok, r.text
     assert hashlib.sha256(server["model"].read_bytes()).hexdigest() != before
     state = torch.load(server["model"], map_location="cpu", weights_only=True)
-    assert set(state) == keys  # every trunk trained and written back (each on its own views)
+    assert set(state) == keys  # the file keeps every trunk (a two-trunk file trains each on its own views)
     after = _infer(server, "sam2rad", IMAGES[1], {})
     assert after.shape == _gt(IMAGES[1]).shape
 
