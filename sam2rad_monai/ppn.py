@@ -374,7 +374,7 @@ class DensePromptPredictor(nn.Module):
                              f"got {None if member is None else sorted(set(member.tolist()))}")
         logits = embed.new_zeros(embed.shape[0], self.num_classes, *embed.shape[-2:])
         objectness = embed.new_zeros(embed.shape[0], self.num_classes)
-        for trunk in range(len(self.trunks)):
+        for trunk in range(count):
             rows = (member == trunk).nonzero().flatten()
             if rows.numel():
                 row_logits, row_objectness = self._predict(embed[rows], extra[rows], trunk)
